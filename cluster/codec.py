@@ -1,0 +1,69 @@
+"""Message <-> ZMQ frames: msgpack header first, then one raw frame per numpy array.
+
+Arrays are never copied into the header: `encode` hands their buffers to ZMQ as is,
+and `decode` wraps received frames with `np.frombuffer` (read-only views, zero-copy).
+Nothing is pickled; an unknown message tag is an error, not a guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from cluster.messages import MESSAGE_TYPES
+
+_EXT_ARRAY = 1
+_EXT_MESSAGE = 2
+
+
+class CodecError(ValueError):
+    pass
+
+
+def encode(msg: Any) -> list:
+    """Return `[header, *array_buffers]`, ready for `send_multipart(copy=False)`."""
+    arrays: list[np.ndarray] = []
+
+    def default(obj):
+        if isinstance(obj, np.ndarray):
+            arr = np.ascontiguousarray(obj)
+            if arr.dtype.hasobject:
+                raise CodecError("object arrays cannot travel as frames")
+            arrays.append(arr)
+            meta = [len(arrays) - 1, arr.dtype.str, list(arr.shape)]
+            return msgpack.ExtType(_EXT_ARRAY, msgpack.packb(meta))
+        if dataclasses.is_dataclass(obj) and type(obj).__name__ in MESSAGE_TYPES:
+            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            body = msgpack.packb([type(obj).__name__, fields], default=default)
+            return msgpack.ExtType(_EXT_MESSAGE, body)
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise CodecError(f"cannot encode {type(obj).__name__}")
+
+    header = msgpack.packb(msg, default=default)
+    return [header, *(memoryview(a).cast("B") if a.size else b"" for a in arrays)]
+
+
+def decode(frames: Sequence) -> Any:
+    """Inverse of `encode`; frames may be bytes or zmq.Frame objects."""
+    buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+
+    def ext_hook(code: int, data: bytes):
+        if code == _EXT_ARRAY:
+            index, dtype, shape = msgpack.unpackb(data)
+            if index + 1 >= len(buffers):
+                raise CodecError(f"array frame {index} missing")
+            arr = np.frombuffer(buffers[index + 1], dtype=np.dtype(dtype))
+            return arr.reshape(shape)
+        if code == _EXT_MESSAGE:
+            name, fields = msgpack.unpackb(data, ext_hook=ext_hook, strict_map_key=False)
+            cls = MESSAGE_TYPES.get(name)
+            if cls is None:
+                raise CodecError(f"unknown message type {name!r}")
+            return cls(**fields)
+        raise CodecError(f"unknown ext code {code}")
+
+    return msgpack.unpackb(buffers[0], ext_hook=ext_hook, strict_map_key=False)

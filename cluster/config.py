@@ -1,0 +1,103 @@
+"""Configuration: one small dataclass per component, composed into ClusterConfig.
+
+launch/cluster.py fills a ClusterConfig, writes it as JSON into the run directory, and
+every process reads its own part with `ClusterConfig.load(path)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local directory with config.json + weights (+ tokenizer)
+    name: str = ""  # the name clients pass as base_model and see in get_info
+    tokenizer_dir: str = ""  # what get_info reports as tokenizer_id (a local dir)
+    arch: str = ""
+    max_context: int = 4096
+
+
+@dataclass
+class ApiConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # None = accept any key starting with "tml-" (the local default)
+    api_keys: list[str] | None = None
+    long_poll_s: float = 25.0
+
+
+@dataclass
+class ControllerConfig:
+    api_address: str = ""  # ROUTER the API's DEALER connects to
+    worker_address: str = ""  # ROUTER every trainer rank and engine connects to
+    session_timeout_s: float = 600.0  # sessions without a heartbeat for this long expire
+    max_sampler_adapters: int = 64  # ephemeral sampler snapshots kept loaded on engines
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "torch"
+    ranks: int = 1
+    max_adapters: int = 8  # adapter slots (LoRA training runs held at once)
+    max_lora_rank: int = 32
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "torch"
+    count: int = 1
+    max_adapters: int = 16  # adapter slots per engine
+    max_lora_rank: int = 32
+    max_batch_sequences: int = 64
+    weights_addresses: list[str] = field(default_factory=list)  # one per engine
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class ClusterConfig:
+    state_dir: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.state_dir) / "checkpoints"
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.state_dir) / "tinkerd.sqlite3"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClusterConfig":
+        raw = json.loads(Path(path).read_text())
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in raw.items():
+            sub = _SECTIONS.get(name)
+            kwargs[name] = sub(**value) if sub else value
+        unknown = set(kwargs) - set(parts)
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        return cls(**kwargs)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "api": ApiConfig,
+    "controller": ControllerConfig,
+    "trainer": TrainerConfig,
+    "engine": EngineConfig,
+}

@@ -1,0 +1,455 @@
+"""Every control message that crosses a process boundary, in one place.
+
+Rules (see README "Architecture"):
+- a message is a keyword-only dataclass; `…Req` expects exactly one `…Resp` (or an
+  `ErrorResp`) carrying the same `call_id`; `…Event` is one-way;
+- numpy arrays anywhere inside a message travel as extra ZMQ frames (cluster/codec.py),
+  never pickled; everything else must be msgpack-able (str, int, float, bool, None,
+  bytes, list, dict with str keys, or another message dataclass);
+- handlers are named `handle_<MessageName>`.
+
+Token batches are flattened: `tokens` holds every datum's tokens back to back and
+`lengths` says where each datum ends, so a batch is two arrays whatever its size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MESSAGE_TYPES: dict[str, type] = {}
+
+
+def message(cls):
+    """Register a dataclass as a wire message (its name is its tag on the wire)."""
+    cls = dataclass(kw_only=True)(cls)
+    MESSAGE_TYPES[cls.__name__] = cls
+    return cls
+
+
+@message
+class Message:
+    call_id: int = 0
+
+
+# ----------------------------------------------------------------------------------
+# Shared value types
+# ----------------------------------------------------------------------------------
+
+
+@message
+class LoraSpec:
+    rank: int = 32
+    alpha: float = 32.0
+    train_attn: bool = True
+    train_mlp: bool = True
+    train_unembed: bool = True
+    seed: int | None = None
+
+
+@message
+class AdamParams:
+    """Tinker's AdamW knobs and its defaults (decoupled weight decay; clip 0 = off)."""
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+@message
+class DatumBatch:
+    """Datums flattened: datum i owns tokens[offsets[i]:offsets[i+1]] of every array.
+
+    `loss_inputs[name]` has shape `[total_tokens, *trailing]` (e.g. `[T]` or `[T, K]`
+    for top-k distillation targets); position t of `tokens` predicts
+    `loss_inputs["target_tokens"][t]`.
+    """
+
+    tokens: np.ndarray  # int64 [total_tokens]
+    lengths: np.ndarray  # int64 [num_datums]
+    loss_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_datums(self) -> int:
+        return int(len(self.lengths))
+
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+    def select(self, start: int, stop: int) -> "DatumBatch":
+        """Datums [start, stop) as their own batch (used to shard across DP ranks)."""
+        offs = self.offsets()
+        lo, hi = int(offs[start]), int(offs[stop])
+        return DatumBatch(
+            tokens=self.tokens[lo:hi],
+            lengths=self.lengths[start:stop],
+            loss_inputs={k: v[lo:hi] for k, v in self.loss_inputs.items()},
+        )
+
+
+@message
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = -1  # -1 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    # False only for an explicit `stop: []`, which Tinker defines as "run to max_tokens"
+    stop_at_eos: bool = True
+
+
+# ----------------------------------------------------------------------------------
+# Results held by futures (the API renders them as JSON or protobuf)
+# ----------------------------------------------------------------------------------
+
+
+@message
+class JsonResult:
+    """A result whose wire form is a plain JSON object (create_model, optim_step, …)."""
+
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@message
+class ForwardBackwardResult:
+    """Per-datum outputs flattened like DatumBatch (same lengths, same trailing shape)."""
+
+    lengths: np.ndarray  # int64 [num_datums]
+    logprobs: np.ndarray  # float32 [total_tokens, *trailing]
+    elementwise_loss: np.ndarray  # float32 [total_tokens, *trailing]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@message
+class SampledSequence:
+    tokens: np.ndarray  # int32 [n]
+    logprobs: np.ndarray  # float32 [n]
+    stop_reason: str = "length"  # "stop" | "length"
+
+
+@message
+class SampleResult:
+    sequences: list[SampledSequence] = field(default_factory=list)
+    # float32 [prompt_len], NaN at position 0; None when not requested
+    prompt_logprobs: np.ndarray | None = None
+    # int32 / float32 [prompt_len, k]; row 0 is all sentinel; None when not requested
+    topk_prompt_token_ids: np.ndarray | None = None
+    topk_prompt_logprobs: np.ndarray | None = None
+
+
+# ----------------------------------------------------------------------------------
+# API front-end  <->  controller
+# ----------------------------------------------------------------------------------
+
+
+@message
+class ErrorResp(Message):
+    """Any request may be answered by this instead of its `…Resp`."""
+
+    status: int = 500  # HTTP status the API should answer with
+    detail: str = ""
+
+
+@message
+class SubmitResp(Message):
+    """Answer to every future-returning submission."""
+
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+
+@message
+class CreateSessionReq(Message):
+    tags: list[str] = field(default_factory=list)
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+    sdk_version: str = ""
+
+
+@message
+class CreateSessionResp(Message):
+    session_id: str
+
+
+@message
+class SessionHeartbeatReq(Message):
+    session_id: str
+
+
+@message
+class SessionHeartbeatResp(Message):
+    pass
+
+
+@message
+class FinishSessionReq(Message):
+    session_id: str
+    reason: str = "success"
+
+
+@message
+class FinishSessionResp(Message):
+    pass
+
+
+@message
+class CreateModelReq(Message):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    lora: LoraSpec
+    user_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@message
+class GetInfoReq(Message):
+    model_id: str
+
+
+@message
+class GetInfoResp(Message):
+    model_id: str
+    model_name: str
+    tokenizer_id: str
+    arch: str
+    lora_rank: int
+    is_lora: bool = True
+
+
+@message
+class ForwardBackwardReq(Message):
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] = field(default_factory=dict)
+    forward_only: bool = False
+    batch: DatumBatch
+
+
+@message
+class OptimStepReq(Message):
+    model_id: str
+    seq_id: int
+    adam: AdamParams
+
+
+@message
+class SaveWeightsForSamplerReq(Message):
+    model_id: str
+    seq_id: int
+    name: str | None = None  # named snapshot -> tinker://<model>/sampler_weights/<name>
+    sampling_session_seq_id: int | None = None  # ephemeral -> a new sampling session
+
+
+@message
+class CreateSamplingSessionReq(Message):
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+@message
+class CreateSamplingSessionResp(Message):
+    sampling_session_id: str
+
+
+@message
+class GetSamplerReq(Message):
+    sampler_id: str
+
+
+@message
+class GetSamplerResp(Message):
+    sampler_id: str
+    base_model: str
+    model_path: str | None = None
+
+
+@message
+class SampleReq(Message):
+    sampling_session_id: str
+    seq_id: int
+    prompt_tokens: np.ndarray  # int64 [n]
+    num_samples: int = 1
+    params: SamplingParams
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@message
+class RetrieveFutureReq(Message):
+    request_id: str
+    wait_s: float = 25.0  # long-poll budget; the controller answers "pending" after it
+
+
+@message
+class RetrieveFutureResp(Message):
+    status: str  # "pending" | "done" | "error"
+    queue_state: str = "active"
+    result: JsonResult | ForwardBackwardResult | SampleResult | None = None
+    error: str = ""
+    category: str = "server"  # "user" | "server" | "unknown" (Tinker's RequestFailedError)
+
+
+@message
+class ClusterStatusReq(Message):
+    pass
+
+
+@message
+class ClusterStatusResp(Message):
+    ready: bool
+    model_name: str
+    workers: dict[str, str] = field(default_factory=dict)  # name -> state
+    detail: str = ""
+
+
+# ----------------------------------------------------------------------------------
+# Workers (trainer ranks, engines)  <->  controller
+# ----------------------------------------------------------------------------------
+
+
+@message
+class WorkerReadyEvent(Message):
+    role: str  # "trainer" | "engine"
+    rank: int
+    world_size: int
+    weights_address: str = ""  # engines: where trainers push adapters
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@message
+class WorkerFailedEvent(Message):
+    """Sent by a worker that is about to die, so the controller can name the cause."""
+
+    role: str
+    rank: int
+    error: str
+
+
+@message
+class ShutdownEvent(Message):
+    pass
+
+
+@message
+class TrainerCreateAdapterReq(Message):
+    slot: int
+    lora: LoraSpec
+
+
+@message
+class TrainerCreateAdapterResp(Message):
+    pass
+
+
+@message
+class TrainerDropAdapterReq(Message):
+    slot: int
+
+
+@message
+class TrainerDropAdapterResp(Message):
+    pass
+
+
+@message
+class TrainerForwardBackwardReq(Message):
+    """One rank's shard of one model's forward_backward (an empty shard is legal)."""
+
+    slot: int
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] = field(default_factory=dict)
+    forward_only: bool = False
+    batch: DatumBatch
+
+
+@message
+class TrainerForwardBackwardResp(Message):
+    result: ForwardBackwardResult
+
+
+@message
+class TrainerOptimStepReq(Message):
+    slot: int
+    adam: AdamParams
+
+
+@message
+class TrainerOptimStepResp(Message):
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@message
+class TrainerPushAdapterReq(Message):
+    """Export a slot's adapter: push it to engines in memory and/or write it to disk.
+
+    Only trainer rank 0 acts on it (weights are identical across DP ranks); the others
+    answer at once.
+    """
+
+    slot: int
+    adapter_id: str
+    engine_addresses: list[str] = field(default_factory=list)
+    save_dir: str | None = None  # PEFT layout: adapter_model.safetensors + adapter_config.json
+
+
+@message
+class TrainerPushAdapterResp(Message):
+    size_bytes: int = 0
+
+
+@message
+class EngineLoadAdapterReq(Message):
+    """Sent by trainer rank 0 straight to an engine's weights socket.
+
+    `tensors` uses PEFT key names (see actors/lora.py); each array is a frame.
+    """
+
+    adapter_id: str
+    lora: LoraSpec
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@message
+class EngineLoadAdapterResp(Message):
+    pass
+
+
+@message
+class EngineLoadAdapterFromDiskReq(Message):
+    adapter_id: str
+    path: str  # a directory in PEFT layout
+
+
+@message
+class EngineUnloadAdapterReq(Message):
+    adapter_id: str
+
+
+@message
+class EngineUnloadAdapterResp(Message):
+    pass
+
+
+@message
+class EngineSampleReq(Message):
+    adapter_id: str | None  # None = the base model
+    prompt_tokens: np.ndarray  # int64 [n]
+    num_samples: int = 1
+    params: SamplingParams
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+
+
+@message
+class EngineSampleResp(Message):
+    result: SampleResult

@@ -1,0 +1,189 @@
+"""ZeroMQ sockets that speak cluster/messages.py.
+
+`AsyncPeer` (asyncio; controller and API) wraps one ROUTER or DEALER socket:
+- `call(peer, req)` sends a request and awaits the `…Resp` with the same call_id;
+- `fan_out(peers, reqs)` sends N requests and awaits all N replies (the barrier the
+  controller uses for every multi-rank step);
+- incoming requests and events go to `handler(peer, msg)`, which may `reply(...)`.
+
+`BlockingPeer` is the same for compute workers, whose event loop is a plain
+recv -> compute -> reply loop so that torch never shares a thread with asyncio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any, Awaitable, Callable, Sequence
+
+import zmq
+import zmq.asyncio
+
+from cluster.codec import decode, encode
+from cluster.messages import ErrorResp
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[bytes | None, Any], Awaitable[None] | None]
+
+
+class RemoteError(RuntimeError):
+    """The other side answered a request with ErrorResp."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _is_reply(msg: Any) -> bool:
+    return type(msg).__name__.endswith("Resp")
+
+
+class AsyncPeer:
+    """One ROUTER (many peers, addressed by identity) or DEALER (one peer, `None`)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, kind: int, address: str, *,
+                 bind: bool, identity: bytes | None = None):
+        self.kind = kind
+        self.sock = ctx.socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.ROUTER:
+            # fail loudly instead of dropping a message to a peer that is gone
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if identity is not None:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        (self.sock.bind if bind else self.sock.connect)(address)
+        self.address = address
+        self._ids = itertools.count(1)
+        self._pending: dict[tuple[bytes | None, int], asyncio.Future] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self, handler: Handler) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._recv_loop(handler))
+
+    async def _recv_loop(self, handler: Handler) -> None:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            peer = None
+            if self.kind == zmq.ROUTER:
+                peer, frames = frames[0].bytes, frames[1:]
+            try:
+                msg = decode(frames)
+            except Exception:
+                log.exception("undecodable message from %r", peer)
+                continue
+            waiter = self._pending.pop((peer, msg.call_id), None) if _is_reply(msg) else None
+            if waiter is not None:
+                if not waiter.done():
+                    waiter.set_result(msg)
+                continue
+            result = handler(peer, msg)
+            if asyncio.iscoroutine(result):
+                asyncio.get_running_loop().create_task(self._guard(result, peer, msg))
+
+    async def _guard(self, coro: Awaitable, peer: bytes | None, msg: Any) -> None:
+        try:
+            await coro
+        except Exception as exc:  # a handler bug must not kill the loop, nor go unanswered
+            log.exception("handler for %s failed", type(msg).__name__)
+            if type(msg).__name__.endswith("Req"):
+                self.reply(peer, msg, ErrorResp(status=500, detail=f"internal error: {exc}"))
+
+    def send(self, peer: bytes | None, msg: Any) -> None:
+        frames = encode(msg)
+        if self.kind == zmq.ROUTER:
+            frames = [peer, *frames]
+        self.sock.send_multipart(frames, copy=False)
+
+    def reply(self, peer: bytes | None, req: Any, resp: Any) -> None:
+        resp.call_id = req.call_id
+        self.send(peer, resp)
+
+    def _register(self, peer: bytes | None, req: Any) -> asyncio.Future:
+        req.call_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[(peer, req.call_id)] = fut
+        return fut
+
+    async def call(self, peer: bytes | None, req: Any, timeout: float | None = None) -> Any:
+        fut = self._register(peer, req)
+        try:
+            self.send(peer, req)
+            resp = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop((peer, req.call_id), None)
+        if isinstance(resp, ErrorResp):
+            raise RemoteError(resp.status, resp.detail)
+        return resp
+
+    async def fan_out(self, peers: Sequence[bytes | None], reqs: Sequence[Any],
+                      timeout: float | None = None) -> list[Any]:
+        """Send reqs[i] to peers[i]; return replies in the same order once all arrived."""
+        return list(await asyncio.gather(
+            *(self.call(p, r, timeout) for p, r in zip(peers, reqs, strict=True))))
+
+    def fail_pending(self, peer: bytes | None, error: BaseException) -> None:
+        """Wake every call waiting on `peer` (it died) with `error`."""
+        for key in [k for k in self._pending if k[0] == peer]:
+            fut = self._pending.pop(key)
+            if not fut.done():
+                fut.set_exception(error)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sock.close(0)
+
+
+class BlockingPeer:
+    """A blocking DEALER or ROUTER for worker processes (no asyncio)."""
+
+    def __init__(self, ctx: zmq.Context, kind: int, address: str, *, bind: bool,
+                 identity: bytes | None = None):
+        self.kind = kind
+        self.sock = ctx.socket(kind)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        (self.sock.bind if bind else self.sock.connect)(address)
+        self._ids = itertools.count(1)
+
+    def send(self, msg: Any, peer: bytes | None = None) -> None:
+        frames = encode(msg)
+        if self.kind == zmq.ROUTER:
+            frames = [peer, *frames]
+        self.sock.send_multipart(frames, copy=False)
+
+    def reply(self, req: Any, resp: Any, peer: bytes | None = None) -> None:
+        resp.call_id = req.call_id
+        self.send(resp, peer)
+
+    def recv(self, timeout_ms: int | None = None) -> tuple[bytes | None, Any] | None:
+        """Next (peer, message), or None if nothing arrived within timeout_ms."""
+        if timeout_ms is not None and not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        peer = None
+        if self.kind == zmq.ROUTER:
+            peer, frames = frames[0].bytes, frames[1:]
+        return peer, decode(frames)
+
+    def call(self, req: Any, timeout_ms: int = 600_000) -> Any:
+        """Send req and block for its reply. Only for DEALERs with no other traffic."""
+        req.call_id = next(self._ids)
+        self.send(req)
+        while True:
+            got = self.recv(timeout_ms)
+            if got is None:
+                raise TimeoutError(f"no reply to {type(req).__name__} in {timeout_ms} ms")
+            _, resp = got
+            if resp.call_id == req.call_id and _is_reply(resp):
+                if isinstance(resp, ErrorResp):
+                    raise RemoteError(resp.status, resp.detail)
+                return resp
+            log.warning("dropping unexpected %s while waiting", type(resp).__name__)
+
+    def close(self) -> None:
+        self.sock.close(0)

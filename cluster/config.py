@@ -19,6 +19,7 @@ class ModelConfig:
     tokenizer_dir: str = ""  # what get_info reports as tokenizer_id (a local dir)
     arch: str = ""
     max_context: int = 4096
+    vocab_size: int = 0  # 0 = unknown: token ids are not range-checked at the API
 
 
 @dataclass

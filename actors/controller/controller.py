@@ -1,0 +1,198 @@
+"""The controller: one asyncio process that owns all state and coordinates every worker.
+
+It binds two ROUTERs: one for the API front-end (requests from HTTP handlers), one for
+the workers (trainer ranks and engines). Handlers never compute; they check a request,
+record a future, hand the work to the training or sampling service and answer at once.
+
+Run: python -m actors.controller.controller --config RUN_DIR/cluster.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import uvloop
+import zmq
+import zmq.asyncio
+
+from actors.controller.errors import ApiError
+from actors.controller.futures import FutureStore, UnknownFuture
+from actors.controller.sampling import SamplingService
+from actors.controller.store import StateStore
+from actors.controller.training import TrainingService
+from actors.controller.workers import WorkerPool
+from cluster.config import ClusterConfig
+from cluster.messages import (
+    ClusterStatusReq, ClusterStatusResp, CreateModelReq, CreateSamplingSessionReq, CreateSamplingSessionResp,
+    CreateSessionReq, CreateSessionResp, ErrorResp, FinishSessionReq, FinishSessionResp, ForwardBackwardReq,
+    GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, OptimStepReq, RetrieveFutureReq, SampleReq,
+    SaveWeightsForSamplerReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent,
+)
+from cluster.process import die_with_parent, set_process_name, setup_logging
+from cluster.transport import AsyncPeer
+
+log = logging.getLogger(__name__)
+_SWEEP_INTERVAL_S = 10.0
+
+
+@dataclass
+class Session:
+    session_id: str
+    last_heartbeat: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+
+class Controller:
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.ctx = zmq.asyncio.Context()
+        self.store = StateStore(config.database_path)
+        self.futures = FutureStore()
+        self.workers = WorkerPool(self.ctx, config.controller.worker_address,
+                                  config.trainer.ranks, config.engine.count)
+        self.sampling = SamplingService(config, self.workers, self.futures, self.store)
+        self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling)
+        self.sessions: dict[str, Session] = {}
+        self.api = AsyncPeer(self.ctx, zmq.ROUTER, config.controller.api_address, bind=True)
+
+    async def event_loop(self) -> None:
+        self.workers.start()
+        self.api.start(self._on_api_message)
+        tasks = [asyncio.create_task(self.training.run_executor()), asyncio.create_task(self._sweep_forever())]
+        log.info("controller listening: api=%s workers=%s", self.api.address, self.workers.peer.address)
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for peer in list(self.workers.trainers.values()) + [e.identity for e in self.workers.engines.values()]:
+                try:
+                    self.workers.peer.send(peer, ShutdownEvent())
+                except zmq.ZMQError:
+                    pass
+            self.store.close()
+
+    async def _on_api_message(self, peer: bytes, req) -> None:
+        handler = getattr(self, f"handle_{type(req).__name__}", None)
+        if handler is None:
+            self.api.reply(peer, req, ErrorResp(status=400, detail=f"unsupported request {type(req).__name__}"))
+            return
+        try:
+            resp = handler(req)
+            if asyncio.iscoroutine(resp):
+                resp = await resp
+        except ApiError as exc:
+            resp = ErrorResp(status=exc.status, detail=exc.detail)
+        self.api.reply(peer, req, resp)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL_S)
+            self.futures.sweep()
+            self.sampling.sweep()
+            deadline = time.monotonic() - self.config.controller.session_timeout_s
+            for session in [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < deadline]:
+                log.info("session %s expired (no heartbeat)", session.session_id)
+                await self._finish(session, "expired")
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def _session(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ApiError(404, f"unknown session {session_id!r}")
+        if session.finished:
+            raise ApiError(410, f"session {session_id!r} has finished")
+        return session
+
+    def handle_CreateSessionReq(self, req: CreateSessionReq) -> CreateSessionResp:
+        session_id = str(uuid.uuid4())
+        self.sessions[session_id] = Session(session_id)
+        self.store.add_session(session_id, req.tags, req.user_metadata, req.sdk_version)
+        return CreateSessionResp(session_id=session_id)
+
+    def handle_SessionHeartbeatReq(self, req: SessionHeartbeatReq) -> SessionHeartbeatResp:
+        self._session(req.session_id).last_heartbeat = time.monotonic()
+        return SessionHeartbeatResp()
+
+    async def handle_FinishSessionReq(self, req: FinishSessionReq) -> FinishSessionResp:
+        session = self.sessions.get(req.session_id)
+        if session is None:
+            raise ApiError(404, f"unknown session {req.session_id!r}")
+        if not session.finished:  # the first reason wins
+            await self._finish(session, req.reason)
+        return FinishSessionResp()
+
+    async def _finish(self, session: Session, reason: str) -> None:
+        session.finished = True
+        self.store.finish_session(session.session_id, reason)
+        self.training.release_session(session.session_id)
+        await self.sampling.release_session(session.session_id)
+
+    # -- training -----------------------------------------------------------------------
+
+    def handle_CreateModelReq(self, req: CreateModelReq):
+        self._session(req.session_id)
+        return self.training.create(req)
+
+    def handle_GetInfoReq(self, req: GetInfoReq) -> GetInfoResp:
+        run = self.training.run_for(req.model_id)
+        model = self.config.model
+        return GetInfoResp(model_id=run.model_id, model_name=model.name, tokenizer_id=model.tokenizer_dir,
+                           arch=model.arch, lora_rank=run.lora.rank)
+
+    def handle_ForwardBackwardReq(self, req: ForwardBackwardReq):
+        return self.training.submit(req)
+
+    def handle_OptimStepReq(self, req: OptimStepReq):
+        return self.training.submit(req)
+
+    def handle_SaveWeightsForSamplerReq(self, req: SaveWeightsForSamplerReq):
+        return self.training.submit(req)
+
+    # -- sampling -----------------------------------------------------------------------
+
+    async def handle_CreateSamplingSessionReq(self, req: CreateSamplingSessionReq) -> CreateSamplingSessionResp:
+        self._session(req.session_id)
+        return CreateSamplingSessionResp(sampling_session_id=await self.sampling.create_session(req))
+
+    def handle_GetSamplerReq(self, req: GetSamplerReq) -> GetSamplerResp:
+        session = self.sampling.session_info(req.sampler_id)
+        return GetSamplerResp(sampler_id=req.sampler_id, base_model=session.base_model,
+                              model_path=session.model_path)
+
+    def handle_SampleReq(self, req: SampleReq):
+        return self.sampling.submit(req)
+
+    # -- futures and status -------------------------------------------------------------
+
+    async def handle_RetrieveFutureReq(self, req: RetrieveFutureReq):
+        try:
+            return await self.futures.wait(req.request_id, req.wait_s)
+        except UnknownFuture:
+            raise ApiError(404, f"unknown request_id {req.request_id!r}") from None
+
+    def handle_ClusterStatusReq(self, req: ClusterStatusReq) -> ClusterStatusResp:
+        return ClusterStatusResp(ready=self.workers.ready.is_set() and not self.workers.failure,
+                                 model_name=self.config.model.name, workers=self.workers.describe(),
+                                 detail=self.workers.failure or "")
+
+
+def run_controller_process(config: ClusterConfig) -> None:
+    set_process_name("tinkerd-ctrl")
+    die_with_parent()
+    setup_logging("controller")
+    uvloop.run(Controller(config).event_loop())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="tinkerd controller process")
+    parser.add_argument("--config", required=True)
+    run_controller_process(ClusterConfig.load(parser.parse_args().config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The controller's side of the trainer ranks and engines: one ROUTER, two groups.
+
+Trainer ranks act as one: every training step is a fan-out to all of them and a
+barrier on all replies. Engines act alone: each sample goes to the least busy one.
+A worker that reports a failure poisons the pool, so every later call fails fast with
+the worker's own error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+import zmq.asyncio
+
+from cluster.messages import WorkerFailedEvent, WorkerReadyEvent
+from cluster.transport import AsyncPeer
+
+log = logging.getLogger(__name__)
+
+
+class WorkerFailure(RuntimeError):
+    pass
+
+
+@dataclass
+class EngineHandle:
+    index: int
+    identity: bytes
+    weights_address: str
+    in_flight: int = 0
+
+
+class WorkerPool:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, trainer_ranks: int, engines: int):
+        self.peer = AsyncPeer(ctx, zmq.ROUTER, address, bind=True)
+        self.expected_trainers = trainer_ranks
+        self.expected_engines = engines
+        self.trainers: dict[int, bytes] = {}
+        self.engines: dict[int, EngineHandle] = {}
+        self.trainer_info: dict[str, Any] = {}
+        self.ready = asyncio.Event()
+        self.failure: str | None = None
+
+    def start(self) -> None:
+        self.peer.start(self._on_message)
+
+    def _on_message(self, peer: bytes, msg: Any) -> None:
+        handler = getattr(self, f"handle_{type(msg).__name__}", None)
+        if handler is None:
+            log.warning("worker %r sent unexpected %s", peer, type(msg).__name__)
+            return
+        handler(peer, msg)
+
+    def handle_WorkerReadyEvent(self, peer: bytes, msg: WorkerReadyEvent) -> None:
+        log.info("%s %d/%d ready", msg.role, msg.rank, msg.world_size)
+        if msg.role == "trainer":
+            self.trainers[msg.rank] = peer
+            if msg.rank == 0:
+                self.trainer_info = dict(msg.info)
+        elif msg.role == "engine":
+            self.engines[msg.rank] = EngineHandle(msg.rank, peer, msg.weights_address)
+        if len(self.trainers) == self.expected_trainers and len(self.engines) == self.expected_engines:
+            self.ready.set()
+
+    def handle_WorkerFailedEvent(self, peer: bytes, msg: WorkerFailedEvent) -> None:
+        self.failure = f"{msg.role} {msg.rank} failed: {msg.error}"
+        log.error("%s", self.failure)
+        self.peer.fail_pending(peer, WorkerFailure(self.failure))
+
+    def describe(self) -> dict[str, str]:
+        states = {f"trainer{r}": "ready" for r in self.trainers}
+        states.update({f"engine{i}": "ready" for i in self.engines})
+        for r in range(self.expected_trainers):
+            states.setdefault(f"trainer{r}", "starting")
+        for i in range(self.expected_engines):
+            states.setdefault(f"engine{i}", "starting")
+        return states
+
+    def _check_alive(self) -> None:
+        if self.failure:
+            raise WorkerFailure(self.failure)
+
+    # -- trainers -----------------------------------------------------------------------
+
+    async def trainer_fan_out(self, reqs: list[Any]) -> list[Any]:
+        """reqs[r] goes to trainer rank r; returns the replies in rank order."""
+        self._check_alive()
+        peers = [self.trainers[r] for r in range(self.expected_trainers)]
+        return await self.peer.fan_out(peers, reqs)
+
+    async def trainer_broadcast(self, make_req: Callable[[], Any]) -> list[Any]:
+        return await self.trainer_fan_out([make_req() for _ in range(self.expected_trainers)])
+
+    # -- engines ------------------------------------------------------------------------
+
+    @property
+    def engine_weights_addresses(self) -> list[str]:
+        return [self.engines[i].weights_address for i in sorted(self.engines)]
+
+    async def engine_call(self, req: Any, engine: EngineHandle | None = None) -> Any:
+        """Send one request to `engine`, or to the engine with the fewest in flight."""
+        self._check_alive()
+        engine = engine or min(self.engines.values(), key=lambda e: (e.in_flight, e.index))
+        engine.in_flight += 1
+        try:
+            return await self.peer.call(engine.identity, req)
+        finally:
+            engine.in_flight -= 1
+
+    async def engine_broadcast(self, make_req: Callable[[], Any]) -> list[Any]:
+        self._check_alive()
+        return await asyncio.gather(*(self.engine_call(make_req(), e) for e in self.engines.values()))

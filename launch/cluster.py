@@ -1,0 +1,229 @@
+"""Start a tinkerd cluster on this node and keep it alive until Ctrl-C.
+
+    python -m launch.cluster                      # built-in tiny model on CPU
+    python -m launch.cluster --model Qwen/Qwen3-0.6B --trainer-ranks 2 --port 8000
+
+Starts, as separate processes: the controller, the API front-end, the trainer ranks
+(under torchrun) and the engines; waits until the API reports every worker ready;
+prints the base_url. Each process logs to STATE_DIR/logs/<name>.log. If any process
+dies, or on Ctrl-C / SIGTERM, everything is torn down and the cause is named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.config import ClusterConfig, ModelConfig
+from cluster.process import die_with_parent
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 600.0
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tinkerd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="hub id or local directory (default: the built-in tiny model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="API port (0 = pick a free one)")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir())
+    p.add_argument("--trainer-ranks", type=int, default=1, help="data-parallel trainer ranks (torchrun)")
+    p.add_argument("--engines", type=int, default=1, help="sampling engine processes")
+    p.add_argument("--max-adapters", type=int, default=8, help="LoRA training runs held at once")
+    p.add_argument("--max-lora-rank", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--api-keys-file", type=Path, help="one allowed key per line (default: any tml- key)")
+    return p.parse_args(argv)
+
+
+def _python_module(module: str, *args: str) -> str:
+    """Run a helper module (torch lives there, not here) and return what it printed."""
+    cmd = [sys.executable, "-m", module, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=_child_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return out.stdout
+
+
+def resolve_model(args: argparse.Namespace) -> ModelConfig:
+    """Describe the served model; build the built-in one on first use."""
+    if args.model is None:
+        directory = args.state_dir / "models" / "tiny-qwen3"
+        print(f"tinkerd: preparing the built-in model in {directory} ...", flush=True)
+        info = json.loads(_python_module("actors.builtin_model", str(directory)))
+        return ModelConfig(path=info["path"], name=info["name"], tokenizer_dir=info["path"], arch=info["arch"],
+                           vocab_size=info["vocab_size"], max_context=4096)
+    info = json.loads(_python_module("actors.model_loading", args.model))
+    local = Path(args.model).expanduser()
+    path = str(local.resolve()) if local.is_dir() else args.model
+    return ModelConfig(path=path, name=args.model, tokenizer_dir=path, arch=info["arch"],
+                       vocab_size=info["vocab_size"], max_context=info["max_context"])
+
+
+def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
+    config = ClusterConfig(state_dir=str(args.state_dir.resolve()), model=model)
+    config.api.host, config.api.port = args.host, args.port or free_port()
+    if args.api_keys_file:
+        config.api.api_keys = [k.strip() for k in args.api_keys_file.read_text().split() if k.strip()]
+    config.controller.api_address = f"tcp://127.0.0.1:{free_port()}"
+    config.controller.worker_address = f"tcp://127.0.0.1:{free_port()}"
+    config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
+    config.trainer.max_lora_rank = config.engine.max_lora_rank = args.max_lora_rank
+    config.trainer.device = config.engine.device = args.device
+    config.trainer.dtype = config.engine.dtype = args.dtype
+    config.engine.count = args.engines
+    config.engine.weights_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(args.engines)]
+    return config
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub from a server process
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+class Cluster:
+    def __init__(self, config: ClusterConfig, config_path: Path):
+        self.config = config
+        self.config_path = config_path
+        self.log_dir = Path(config.state_dir) / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.config.api.host}:{self.config.api.port}"
+
+    def spawn(self, name: str, cmd: list[str]) -> None:
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "ab")
+        # own session: a terminal's Ctrl-C reaches only us, and we stop the children in order
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_child_env(),
+                                preexec_fn=die_with_parent, start_new_session=True)
+        log_file.close()
+        self.children.append(Child(name, proc, log_path))
+
+    def start(self) -> None:
+        cfg = ["--config", str(self.config_path)]
+        py = sys.executable
+        self.spawn("controller", [py, "-m", "actors.controller.controller", *cfg])
+        self.spawn("api", [py, "-m", "api.server", *cfg])
+        for i in range(self.config.engine.count):
+            self.spawn(f"engine{i}", [py, "-m", "actors.engine.main", *cfg, "--index", str(i)])
+        self.spawn("trainer", [py, "-m", "torch.distributed.run", "--nnodes", "1",
+                               "--nproc-per-node", str(self.config.trainer.ranks),
+                               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                               "-m", "actors.trainer.main", *cfg])
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if (dead := self.dead_child()) is not None:
+                raise ChildDied(dead)
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"cluster not ready after {STARTUP_TIMEOUT_S:.0f} s; logs in {self.log_dir}")
+
+    def supervise(self) -> None:
+        while (dead := self.dead_child()) is None:
+            time.sleep(0.5)
+        raise ChildDied(dead)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, child: Child):
+        tail = child.log_path.read_text(errors="replace").splitlines()[-25:]
+        super().__init__(f"process {child.name!r} exited with code {child.proc.returncode}; "
+                         f"last lines of {child.log_path}:\n" + "\n".join(tail))
+        self.child = child
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model = resolve_model(args)
+    except RuntimeError as exc:
+        print(f"tinkerd: {exc}", file=sys.stderr)
+        return 1
+    config = build_config(args, model)
+    run_dir = Path(config.state_dir) / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "cluster.json"
+    config.save(config_path)
+
+    cluster = Cluster(config, config_path)
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cluster.start()
+        cluster.wait_ready()
+        print(f"tinkerd ready: base_url={cluster.base_url} model={model.name} (logs in {cluster.log_dir})",
+              flush=True)
+        cluster.supervise()
+    except KeyboardInterrupt:
+        print("tinkerd: shutting down", flush=True)
+        return 0
+    except (ChildDied, TimeoutError) as exc:
+        print(f"tinkerd: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

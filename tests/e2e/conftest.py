@@ -1,0 +1,104 @@
+"""End-to-end fixtures: the real cluster, started by launch/cluster.py, driven by the SDK."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILTIN_MODEL = "tinkerd/tiny-qwen3"
+API_KEY = "tml-e2e-test"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+class RunningCluster:
+    def __init__(self, proc: subprocess.Popen, base_url: str, state_dir: Path):
+        self.proc = proc
+        self.base_url = base_url
+        self.state_dir = state_dir
+
+    def service_client(self):
+        import tinker
+
+        return tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
+
+
+@contextlib.contextmanager
+def launch_cluster(state_dir: Path, models_dir: Path, *extra: str, timeout_s: float = 300):
+    """Start `python -m launch.cluster`, yield it once ready, then stop it and check for orphans."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not (state_dir / "models").exists():
+        (state_dir / "models").symlink_to(models_dir, target_is_directory=True)
+    cmd = [sys.executable, "-m", "launch.cluster", "--port", "0", "--state-dir", str(state_dir), *extra]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base_url, seen = None, []
+    deadline = time.monotonic() + timeout_s
+    while base_url is None:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise RuntimeError("cluster exited during start-up:\n" + "".join(seen))
+        seen.append(line)
+        if "tinkerd ready: base_url=" in line:
+            base_url = line.split("base_url=")[1].split()[0]
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("cluster not ready:\n" + "".join(seen))
+    try:
+        yield RunningCluster(proc, base_url, state_dir)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        marker = str(state_dir / "run" / "cluster.json")
+        deadline = time.monotonic() + 10
+        while _processes_mentioning(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        leftovers = _processes_mentioning(marker)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+        assert not leftovers, f"processes left after shutdown: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """The built-in model, built once per test session and shared by every cluster."""
+    directory = tmp_path_factory.mktemp("models")
+    subprocess.run([sys.executable, "-m", "actors.builtin_model", str(directory / "tiny-qwen3")],
+                   check=True, cwd=REPO_ROOT, capture_output=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, models_dir) -> RunningCluster:
+    with launch_cluster(tmp_path_factory.mktemp("state"), models_dir) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def service_client(cluster):
+    client = cluster.service_client()
+    yield client
+    client.close()

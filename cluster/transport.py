@@ -185,5 +185,6 @@ class BlockingPeer:
                 return resp
             log.warning("dropping unexpected %s while waiting", type(resp).__name__)
 
-    def close(self) -> None:
-        self.sock.close(0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; `linger_ms` > 0 lets queued messages (say, a last failure report) leave first."""
+        self.sock.close(linger=linger_ms)

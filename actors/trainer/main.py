@@ -1,0 +1,199 @@
+"""A trainer rank process: one per GPU (or CPU rank), launched by torchrun.
+
+    torchrun --nproc-per-node N --master-port P -m actors.trainer.main --config cluster.json
+
+`TrainerWorker.event_loop()` is a plain recv -> compute -> reply loop on a DEALER
+connected to the controller's worker ROUTER (torch never shares a thread with
+asyncio). Requests are answered by `handle_<MessageName>` methods; a handler's
+ValueError becomes a 400 ErrorResp, anything else a 500, and the rank keeps serving.
+An error outside the handlers is fatal: the rank reports it with WorkerFailedEvent
+and exits non-zero, so the controller fails futures with the cause instead of hanging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from actors.lora import save_peft_adapter
+from actors.trainer.backend import TorchTrainerBackend
+from cluster.config import ClusterConfig
+from cluster.messages import (
+    EngineLoadAdapterReq,
+    ErrorResp,
+    ShutdownEvent,
+    TrainerCreateAdapterReq,
+    TrainerCreateAdapterResp,
+    TrainerDropAdapterReq,
+    TrainerDropAdapterResp,
+    TrainerForwardBackwardReq,
+    TrainerForwardBackwardResp,
+    TrainerOptimStepReq,
+    TrainerOptimStepResp,
+    TrainerPushAdapterReq,
+    TrainerPushAdapterResp,
+    WorkerFailedEvent,
+    WorkerReadyEvent,
+)
+from cluster.process import die_with_parent, set_process_name, setup_logging
+from cluster.transport import BlockingPeer, RemoteError
+
+log = logging.getLogger(__name__)
+
+ROLE = "trainer"
+FINAL_MESSAGE_LINGER_MS = 2000  # how long close() may wait for the last message to leave
+
+
+class TrainerWorker:
+    def __init__(self, config: ClusterConfig, rank: int = 0, world_size: int = 1,
+                 local_world_size: int = 1):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.local_world_size = local_world_size
+        self.ctx = zmq.Context()
+        # connected before anything can fail, so even a failed model load gets reported
+        self.peer = BlockingPeer(self.ctx, zmq.DEALER, config.controller.worker_address,
+                                 bind=False, identity=f"trainer-{rank}".encode())
+        self.engine_peers: dict[str, BlockingPeer] = {}
+        self.backend: TorchTrainerBackend | None = None
+        self.handlers: dict[type, Callable[[Any], Any]] = {
+            TrainerCreateAdapterReq: self.handle_TrainerCreateAdapterReq,
+            TrainerDropAdapterReq: self.handle_TrainerDropAdapterReq,
+            TrainerForwardBackwardReq: self.handle_TrainerForwardBackwardReq,
+            TrainerOptimStepReq: self.handle_TrainerOptimStepReq,
+            TrainerPushAdapterReq: self.handle_TrainerPushAdapterReq,
+        }
+
+    def start(self) -> None:
+        """Join the process group, load the model, tell the controller this rank is ready."""
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.config.trainer.device.startswith("cuda") else "gloo")
+        self.backend = TorchTrainerBackend(self.config, self.rank, self.world_size, self.local_world_size)
+        self.peer.send(WorkerReadyEvent(role=ROLE, rank=self.rank, world_size=self.world_size,
+                                        info=self.backend.info()))
+        log.info("trainer rank %d/%d ready (%s)", self.rank, self.world_size, self.backend.info())
+
+    def event_loop(self) -> None:
+        """Serve requests until a ShutdownEvent arrives."""
+        while True:
+            _, msg = self.peer.recv()
+            if isinstance(msg, ShutdownEvent):
+                log.info("shutdown requested")
+                return
+            self.peer.reply(msg, self._answer(msg))
+
+    def _answer(self, msg: Any) -> Any:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            return ErrorResp(status=400, detail=f"trainer does not handle {type(msg).__name__}")
+        try:
+            return handler(msg)
+        except ValueError as exc:
+            log.info("%s rejected: %s", type(msg).__name__, exc)
+            return ErrorResp(status=400, detail=str(exc))
+        except RemoteError as exc:  # an engine refused the adapter: pass its verdict on
+            log.error("%s failed remotely: %s", type(msg).__name__, exc)
+            return ErrorResp(status=exc.status, detail=f"engine: {exc.detail}")
+        except Exception as exc:
+            log.exception("%s failed", type(msg).__name__)
+            return ErrorResp(status=500, detail=f"trainer rank {self.rank}: {type(exc).__name__}: {exc}")
+
+    def report_failure(self, error: BaseException) -> None:
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        self.peer.send(WorkerFailedEvent(role=ROLE, rank=self.rank, error=detail))
+
+    def close(self) -> None:
+        for peer in self.engine_peers.values():
+            peer.close()
+        # the last message may be the failure report the controller is waiting for
+        self.peer.close(linger_ms=FINAL_MESSAGE_LINGER_MS)
+        self.ctx.term()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- handlers ------------------------------------------------------------------------
+
+    def handle_TrainerCreateAdapterReq(self, req: TrainerCreateAdapterReq) -> TrainerCreateAdapterResp:
+        self.backend.create_adapter(req.slot, req.lora)
+        return TrainerCreateAdapterResp()
+
+    def handle_TrainerDropAdapterReq(self, req: TrainerDropAdapterReq) -> TrainerDropAdapterResp:
+        self.backend.drop_adapter(req.slot)
+        return TrainerDropAdapterResp()
+
+    def handle_TrainerForwardBackwardReq(self, req: TrainerForwardBackwardReq) -> TrainerForwardBackwardResp:
+        result = self.backend.forward_backward(req.slot, req.loss_fn, req.loss_fn_config,
+                                               req.forward_only, req.batch)
+        return TrainerForwardBackwardResp(result=result)
+
+    def handle_TrainerOptimStepReq(self, req: TrainerOptimStepReq) -> TrainerOptimStepResp:
+        return TrainerOptimStepResp(metrics=self.backend.optim_step(req.slot, req.adam))
+
+    def handle_TrainerPushAdapterReq(self, req: TrainerPushAdapterReq) -> TrainerPushAdapterResp:
+        """Rank 0 exports the adapter to disk and/or engines; DP ranks hold the same weights."""
+        if self.rank != 0:
+            return TrainerPushAdapterResp(size_bytes=0)
+        spec, tensors = self.backend.export_adapter(req.slot)
+        arrays = {name: t.detach().to(device="cpu", dtype=torch.float32).numpy() for name, t in tensors.items()}
+        size_bytes = sum(a.nbytes for a in arrays.values())
+        if req.save_dir:
+            size_bytes = save_peft_adapter(req.save_dir, tensors, spec,
+                                           self.backend.slots.target_module_names(spec), self.config.model.name)
+        for address in req.engine_addresses:
+            self._engine_peer(address).call(EngineLoadAdapterReq(adapter_id=req.adapter_id, lora=spec,
+                                                                 tensors=arrays))
+        return TrainerPushAdapterResp(size_bytes=size_bytes)
+
+    def _engine_peer(self, address: str) -> BlockingPeer:
+        if address not in self.engine_peers:
+            self.engine_peers[address] = BlockingPeer(self.ctx, zmq.DEALER, address, bind=False)
+        return self.engine_peers[address]
+
+
+def _torchrun_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_world_size) as torchrun sets them; a lone process is 0/1/1."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    return rank, world_size, local_world_size
+
+
+def run_trainer_process(config: ClusterConfig) -> int:
+    """Serve as one trainer rank until shutdown; return the process exit code."""
+    rank, world_size, local_world_size = _torchrun_env()
+    set_process_name(f"tinkerd-trainer{rank}")
+    die_with_parent()
+    setup_logging(f"trainer{rank}")
+    if config.trainer.device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    worker = TrainerWorker(config, rank, world_size, local_world_size)
+    try:
+        worker.start()
+        worker.event_loop()
+        return 0
+    except Exception as exc:
+        log.exception("trainer rank %d failed", rank)
+        worker.report_failure(exc)
+        return 1
+    finally:
+        worker.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="tinkerd trainer rank (run under torchrun)")
+    parser.add_argument("--config", required=True, help="ClusterConfig JSON file")
+    args = parser.parse_args()
+    sys.exit(run_trainer_process(ClusterConfig.load(args.config)))
+
+
+if __name__ == "__main__":
+    main()

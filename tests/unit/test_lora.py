@@ -1,0 +1,126 @@
+"""Batched multi-LoRA (actors/lora.py) on the built-in model: math, isolation, export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.lora import BASE_SLOT, PEFT_PREFIX, LoraSlots
+from actors.model_loading import load_causal_lm
+from actors.trainer.optim import SlotAdamW
+from cluster.messages import AdamParams, LoraSpec
+
+NUM_SLOTS, MAX_RANK = 4, 8
+INPUT_IDS = torch.tensor([[5, 17, 42, 99, 3, 250], [7, 7, 300, 12, 64, 1]])
+
+
+@pytest.fixture
+def lora(builtin_model_dir) -> LoraSlots:
+    model = load_causal_lm(str(builtin_model_dir))
+    return LoraSlots(model, NUM_SLOTS, MAX_RANK)
+
+
+def _logits(lora: LoraSlots, slots) -> torch.Tensor:
+    with torch.no_grad(), lora.use(slots):
+        return lora.model(input_ids=INPUT_IDS).logits
+
+
+def _randomize_b(lora: LoraSlots, slot: int, seed: int) -> None:
+    """Give the slot nonzero B (fresh adapters have B = 0), inside its rank."""
+    gen = torch.Generator().manual_seed(seed)
+    rank = lora.specs[slot].rank
+    with torch.no_grad():
+        for m in lora.modules.values():
+            if float(m.scaling[slot]) != 0.0:
+                m.lora_B[slot, :, :rank] = 0.05 * torch.randn(m.lora_B.shape[1], rank, generator=gen)
+
+
+def _slot_snapshot(lora: LoraSlots, slot: int) -> dict[str, torch.Tensor]:
+    return {f"{path}.{kind}": getattr(m, kind)[slot].detach().clone()
+            for path, m in lora.modules.items() for kind in ("lora_A", "lora_B")}
+
+
+def test_fresh_adapter_leaves_outputs_unchanged(lora):
+    base = _logits(lora, BASE_SLOT)
+    lora.init_slot(1, LoraSpec(rank=8, seed=3))
+    assert any(bool(m.lora_A[1].any()) for m in lora.modules.values())  # A is random
+    assert torch.equal(_logits(lora, 1), base)
+
+
+def test_training_one_slot_leaves_another_bit_identical(lora):
+    lora.init_slot(1, LoraSpec(rank=4, seed=1))
+    lora.init_slot(2, LoraSpec(rank=8, seed=2))
+    _randomize_b(lora, 2, seed=5)
+    before_logits, before_params = _logits(lora, 2), _slot_snapshot(lora, 2)
+    named = {f"{p}.{k}": getattr(m, k) for p, m in lora.modules.items() for k in ("lora_A", "lora_B")}
+    optimizer = SlotAdamW(named, NUM_SLOTS)
+
+    for _ in range(2):
+        with lora.use(1):
+            lora.model(input_ids=INPUT_IDS).logits.logsumexp(-1).sum().backward()
+        for name, p in named.items():
+            assert not p.grad[2].any(), f"{name}: slot 2 got gradient from slot 1's loss"
+        optimizer.step(1, AdamParams(learning_rate=1e-2, weight_decay=0.1))
+
+    after_params = _slot_snapshot(lora, 2)
+    assert all(torch.equal(before_params[k], after_params[k]) for k in before_params)
+    assert torch.equal(_logits(lora, 2), before_logits)
+    assert not torch.equal(_logits(lora, 1), _logits(lora, BASE_SLOT))  # slot 1 did move
+
+
+def test_rank_beyond_spec_gets_no_gradient(lora):
+    lora.init_slot(1, LoraSpec(rank=2, seed=1))
+    _randomize_b(lora, 1, seed=9)
+    with lora.use(1):
+        lora.model(input_ids=INPUT_IDS).logits.logsumexp(-1).sum().backward()
+    for m in lora.modules.values():
+        assert not m.lora_A.grad[1, 2:].any() and not m.lora_B.grad[1, :, 2:].any()
+
+
+def test_per_example_slots_match_single_slot_runs(lora):
+    lora.init_slot(1, LoraSpec(rank=4, seed=1))
+    lora.init_slot(2, LoraSpec(rank=8, seed=2, train_mlp=False))
+    _randomize_b(lora, 1, seed=3)
+    _randomize_b(lora, 2, seed=4)
+    mixed = _logits(lora, torch.tensor([1, 2]))
+    torch.testing.assert_close(mixed[0], _logits(lora, 1)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], _logits(lora, 2)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_export_then_load_into_another_slot_reproduces_outputs(lora):
+    spec = LoraSpec(rank=4, alpha=8.0, seed=7, train_attn=False)
+    lora.init_slot(1, spec)
+    _randomize_b(lora, 1, seed=11)
+    exported = lora.export_slot(1)
+    assert all(k.startswith(PEFT_PREFIX) for k in exported)
+    lora.load_slot(3, spec, exported)
+    assert torch.equal(_logits(lora, 3), _logits(lora, 1))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (LoraSpec(rank=3), "power of 2"),
+    (LoraSpec(rank=16), "exceeds"),
+    (LoraSpec(rank=4, train_attn=False, train_mlp=False, train_unembed=False), "at least one"),
+])
+def test_invalid_specs_are_rejected(lora, spec, message):
+    with pytest.raises(ValueError, match=message):
+        lora.init_slot(1, spec)
+    assert 1 not in lora.specs
+
+
+@pytest.mark.parametrize("switches, expected", [
+    (dict(train_attn=True, train_mlp=False, train_unembed=False), {"q_proj", "k_proj", "v_proj", "o_proj"}),
+    (dict(train_attn=False, train_mlp=True, train_unembed=False), {"gate_proj", "up_proj", "down_proj"}),
+    (dict(train_attn=False, train_mlp=False, train_unembed=True), {"lm_head"}),
+])
+def test_module_switches_select_modules(lora, switches, expected):
+    spec = LoraSpec(rank=4, seed=1, **switches)
+    lora.init_slot(1, spec)
+    assert set(lora.target_module_names(spec)) == expected
+    # PEFT key: base_model.model.<path>.<leaf>.lora_{A,B}.weight
+    exported = {k.split(".")[-3] for k in lora.export_slot(1)}
+    assert exported == expected
+    for path, m in lora.modules.items():
+        trained = path.rsplit(".", 1)[-1] in expected
+        assert (float(m.scaling[1]) != 0.0) == trained, path
+        assert bool(m.lora_A[1].any()) == trained, path

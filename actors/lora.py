@@ -210,22 +210,45 @@ class LoraSlots:
 # -- PEFT files ---------------------------------------------------------------------------
 
 
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
 def save_peft_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], spec: LoraSpec,
                       target_modules: list[str], base_model: str) -> int:
-    """Write adapter_model.safetensors + adapter_config.json; return bytes written."""
+    """Write adapter_model.safetensors + adapter_config.json; return bytes written.
+
+    The config spells out every LoRA field whose default differs between loaders, so
+    peft, vLLM and SGLang all read the same adapter: plain LoRA with scaling
+    lora_alpha / r (no rsLoRA, DoRA, LoRA bias, per-layer patterns, modules_to_save).
+    `lm_head` may be a target even when the model ties it to `embed_tokens`: the LoRA
+    applies to the output projection only (what peft does without
+    `ensure_weight_tying`), never to the input embedding.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    alpha = float(spec.alpha)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": spec.rank,
-        "lora_alpha": spec.alpha,
+        # an int where it is one: peft and vLLM declare lora_alpha as int
+        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
         "target_modules": target_modules,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         # not PEFT fields: what tinkerd needs to rebuild the LoraSpec exactly
         "tinkerd": {"train_attn": spec.train_attn, "train_mlp": spec.train_mlp,
                     "train_unembed": spec.train_unembed},

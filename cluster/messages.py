@@ -453,3 +453,51 @@ class EngineSampleReq(Message):
 @message
 class EngineSampleResp(Message):
     result: SampleResult
+
+
+# ----------------------------------------------------------------------------------
+# Trainer checkpoints
+# ----------------------------------------------------------------------------------
+
+
+@message
+class TrainerSaveStateReq(Message):
+    """Write a slot's training state as a `weights` checkpoint directory.
+
+    Layout: the adapter in PEFT layout (`adapter_model.safetensors` +
+    `adapter_config.json`) plus, with the optimizer, `optimizer.safetensors` (the slot's
+    Adam moments under the adapter's tensor names + `.exp_avg` / `.exp_avg_sq`, and
+    `step`; float32). Written into `directory + ".tmp"`, then renamed into place (an
+    existing `directory` is replaced). Only trainer rank 0 writes (DP ranks hold the same
+    state); the others answer at once with size_bytes=0.
+    """
+
+    slot: int
+    directory: str
+    with_optimizer: bool = True
+
+
+@message
+class TrainerSaveStateResp(Message):
+    size_bytes: int = 0  # the checkpoint's total size on disk (rank 0)
+
+
+@message
+class TrainerLoadStateReq(Message):
+    """Load a `weights` (or PEFT adapter) directory into a slot; sent to every trainer rank.
+
+    The LoRA spec (rank, alpha, trained modules) comes from the checkpoint, not from the
+    slot's previous adapter. Without the optimizer the slot starts with fresh Adam state
+    (Tinker's `load_state`); with it, the exact moments and step count
+    (`load_state_with_optimizer`). On any error no rank changes the slot.
+    """
+
+    slot: int
+    directory: str
+    with_optimizer: bool
+    seed: int | None = None  # recorded in the returned spec
+
+
+@message
+class TrainerLoadStateResp(Message):
+    lora: LoraSpec  # the spec read back from the checkpoint

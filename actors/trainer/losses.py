@@ -7,6 +7,8 @@ never normalises; users scale `weights` / `advantages`). A loss function receive
   `[T, K]` (top-k distillation), every datum's tokens back to back, differentiable;
 - `inputs`: the other `loss_fn_inputs` as float32 tensors with the same layout;
 - `config`: the request's `loss_fn_config` (numbers, or numeric text from the v2 map);
+- `lengths`: int64 `[B]`, how many of those tokens each datum owns, in order (datum
+  boundaries; only sequence-level losses such as gspo use them);
 
 and returns the per-token `elementwise_loss` (same shape as `target_logprobs`) plus
 any extra metrics. `compute_loss` adds `loss:sum`, which the SDK requires.
@@ -24,7 +26,7 @@ import torch
 Inputs = Mapping[str, torch.Tensor]
 Config = Mapping[str, float | str]
 LossResult = tuple[torch.Tensor, dict[str, float]]
-LossFn = Callable[[torch.Tensor, Inputs, Config], LossResult]
+LossFn = Callable[[torch.Tensor, Inputs, Config, torch.Tensor], LossResult]
 
 
 def _numeric_config(loss_fn: str, config: Mapping[str, float | str],
@@ -57,7 +59,8 @@ def _required_input(loss_fn: str, inputs: Mapping[str, torch.Tensor], name: str,
     return value
 
 
-def cross_entropy(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> LossResult:
+def cross_entropy(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
+                  lengths: torch.Tensor | None = None) -> LossResult:
     """loss = -sum(weights * logp(target)); any real weights, negative included.
 
     Negative weights matter: the SDK's `forward_backward_custom` sends
@@ -82,7 +85,8 @@ def _policy_inputs(loss_fn: str, inputs: Mapping[str, torch.Tensor],
     return sampler_logprobs, advantages
 
 
-def importance_sampling(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> LossResult:
+def importance_sampling(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
+                        lengths: torch.Tensor | None = None) -> LossResult:
     """loss = -sum(exp(logp - q) * A): policy gradient corrected for sampler/learner mismatch."""
     _numeric_config("importance_sampling", config, {})
     sampler_logprobs, advantages = _policy_inputs("importance_sampling", inputs, target_logprobs)
@@ -90,7 +94,8 @@ def importance_sampling(target_logprobs: torch.Tensor, inputs: Inputs, config: C
     return -ratio * advantages, {}
 
 
-def ppo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> LossResult:
+def ppo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
+        lengths: torch.Tensor | None = None) -> LossResult:
     """loss = -sum(min(r*A, clip(r, low, high)*A)), r = exp(logp - q); absolute ratio bounds."""
     cfg = _numeric_config("ppo", config, {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2})
     sampler_logprobs, advantages = _policy_inputs("ppo", inputs, target_logprobs)
@@ -99,7 +104,8 @@ def ppo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> LossRe
     return -torch.minimum(ratio * advantages, clipped * advantages), {}
 
 
-def cispo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> LossResult:
+def cispo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
+          lengths: torch.Tensor | None = None) -> LossResult:
     """loss = -sum(sg(clip(r, low, high)) * A * logp): clipped weights, never a zero gradient."""
     cfg = _numeric_config("cispo", config, {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0})
     sampler_logprobs, advantages = _policy_inputs("cispo", inputs, target_logprobs)
@@ -108,7 +114,8 @@ def cispo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> Loss
     return -clipped * advantages * target_logprobs, {}
 
 
-def dro(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> LossResult:
+def dro(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
+        lengths: torch.Tensor | None = None) -> LossResult:
     """loss = -sum(logp*A - beta/2 * (logp - q)^2); beta has no documented default."""
     cfg = _numeric_config("dro", config, {"beta": None})
     sampler_logprobs, advantages = _policy_inputs("dro", inputs, target_logprobs)
@@ -116,13 +123,84 @@ def dro(target_logprobs: torch.Tensor, inputs: Inputs, config: Config) -> LossRe
     return -(target_logprobs * advantages - 0.5 * cfg["beta"] * drift.square()), {}
 
 
-# Registry: issue 3 adds gspo (sequence-level ratio: needs datum boundaries) here.
+# GSPO paper (Zheng et al. 2025, arXiv:2507.18071 v2, sec. 5.1): eps_low = 3e-4,
+# eps_high = 4e-4 around a ratio of 1, written as absolute bounds like ppo's thresholds.
+GSPO_CLIP_LOW = 1.0 - 3e-4
+GSPO_CLIP_HIGH = 1.0 + 4e-4
+GSPO_MAX_LOG_RATIO = 20.0
+
+
+def gspo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
+         lengths: torch.Tensor | None = None) -> LossResult:
+    """GSPO-token: a sequence-level importance ratio with a token-level gradient.
+
+    For datum i with tokens t, model logprobs logp_t, sampler logprobs q_t, advantages
+    A_t and `sequence_ratio_mask` m_t (>= 0; which tokens count toward the ratio):
+
+        s_i     = exp( sum_t m_t (logp_t - q_t) / sum_t m_t )   (1 when sum_t m_t = 0)
+        s_{i,t} = sg(s_i) * exp(logp_t - sg(logp_t))            (value s_i, d/dlogp_t = s_i)
+        loss_t  = -min( s_{i,t} A_t, clip(s_{i,t}, low, high) A_t )
+
+    sg = stop-gradient; low/high = `clip_low_threshold` / `clip_high_threshold`,
+    absolute bounds on the ratio like ppo's, defaulting to the GSPO paper's
+    1 - 3e-4 and 1 + 4e-4. So the clip decision is made per sequence (every token of a
+    datum shares s_i) and an unclipped token's gradient is -s_i * A_t * dlogp_t: with
+    A_t = A_i on the masked tokens this is exactly the gradient of the paper's GSPO
+    (and GSPO-token) objective without its 1/|y_i| factor, since Tinker losses are sums over
+    tokens, never means (scale `advantages` for the paper's normalisation). The mask
+    only shapes s_i; the loss covers every token, weighted by its advantage (the
+    cookbook sends A_t = 0 and m_t = 0 on prompt tokens). Targets must be `[N]`.
+    log s_i is capped at GSPO_MAX_LOG_RATIO (20) so absurd inputs stay finite.
+    """
+    cfg = _numeric_config("gspo", config, {"clip_low_threshold": GSPO_CLIP_LOW,
+                                           "clip_high_threshold": GSPO_CLIP_HIGH})
+    low, high = cfg["clip_low_threshold"], cfg["clip_high_threshold"]
+    if not low <= high:
+        raise ValueError(f"gspo needs clip_low_threshold <= clip_high_threshold, got {low} > {high}")
+    if target_logprobs.dim() != 1:
+        raise ValueError(f"gspo needs target_tokens of shape [N] (one target per position), got "
+                         f"{list(target_logprobs.shape)}")
+    sampler_logprobs, advantages = _policy_inputs("gspo", inputs, target_logprobs)
+    mask = _required_input("gspo", inputs, "sequence_ratio_mask", target_logprobs.shape)
+    if bool((mask < 0).any()) or not bool(torch.isfinite(mask).all()):
+        raise ValueError("loss_fn_inputs['sequence_ratio_mask'] must hold finite values >= 0 "
+                         "(1 = the token counts toward its sequence's ratio, 0 = it does not)")
+    lengths = _datum_lengths(target_logprobs, lengths)
+    datum = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    log_ratio = (target_logprobs - sampler_logprobs).detach()
+    weight = torch.zeros(len(lengths), dtype=log_ratio.dtype, device=log_ratio.device)
+    weight.index_add_(0, datum, mask.to(log_ratio.dtype))
+    total = torch.zeros_like(weight).index_add_(0, datum, mask.to(log_ratio.dtype) * log_ratio)
+    seq_log_ratio = torch.where(weight > 0, total / weight.clamp_min(torch.finfo(weight.dtype).tiny),
+                                torch.zeros_like(total))
+    # capped so that absurd inputs (e.g. placeholder sampler logprobs) give a finite loss
+    # instead of inf * 0 = NaN on zero-advantage tokens; exp(20) ~ 5e8 is far past any clip
+    seq_ratio = torch.exp(seq_log_ratio.clamp(max=GSPO_MAX_LOG_RATIO))[datum]  # s_i at datum i's tokens
+    ratio = seq_ratio * torch.exp(target_logprobs - target_logprobs.detach())
+    clipped = ratio.clamp(low, high)
+    return -torch.minimum(ratio * advantages, clipped * advantages), {}
+
+
+def _datum_lengths(target_logprobs: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Datum boundaries as an int64 tensor on the logprobs' device; None = one datum."""
+    total = int(target_logprobs.shape[0])
+    if lengths is None:
+        lengths = [total] if total else []
+    if not isinstance(lengths, torch.Tensor):
+        lengths = torch.tensor([int(n) for n in lengths], dtype=torch.int64)
+    lengths = lengths.to(device=target_logprobs.device, dtype=torch.int64)
+    if lengths.dim() != 1 or bool((lengths < 0).any()) or int(lengths.sum()) != total:
+        raise ValueError(f"datum lengths {lengths.tolist()} do not split the batch's {total} tokens")
+    return lengths
+
+
 LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
+    "gspo": gspo,
 }
 
 
@@ -132,10 +210,15 @@ def check_loss_fn(loss_fn: str) -> None:
 
 
 def compute_loss(loss_fn: str, target_logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor],
-                 config: Mapping[str, float | str]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Per-token loss (sum it for the scalar to backpropagate) and the loss's metrics."""
+                 config: Mapping[str, float | str], lengths: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token loss (sum it for the scalar to backpropagate) and the loss's metrics.
+
+    `lengths` are the datum boundaries (tokens per datum, in order); None means all the
+    tokens form one datum. Sequence-level losses (gspo) need them.
+    """
     check_loss_fn(loss_fn)
-    elementwise, extra_metrics = LOSSES[loss_fn](target_logprobs, inputs, config)
+    elementwise, extra_metrics = LOSSES[loss_fn](target_logprobs, inputs, config, lengths)
     if elementwise.shape != target_logprobs.shape:
         raise RuntimeError(f"{loss_fn} returned shape {list(elementwise.shape)}, "
                            f"expected {list(target_logprobs.shape)}")

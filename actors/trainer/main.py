@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from actors.lora import save_peft_adapter
 from actors.trainer.backend import TorchTrainerBackend
 from cluster.config import ClusterConfig
 from cluster.messages import (
@@ -38,8 +37,12 @@ from cluster.messages import (
     TrainerForwardBackwardResp,
     TrainerOptimStepReq,
     TrainerOptimStepResp,
+    TrainerLoadStateReq,
+    TrainerLoadStateResp,
     TrainerPushAdapterReq,
     TrainerPushAdapterResp,
+    TrainerSaveStateReq,
+    TrainerSaveStateResp,
     WorkerFailedEvent,
     WorkerReadyEvent,
 )
@@ -71,6 +74,8 @@ class TrainerWorker:
             TrainerForwardBackwardReq: self.handle_TrainerForwardBackwardReq,
             TrainerOptimStepReq: self.handle_TrainerOptimStepReq,
             TrainerPushAdapterReq: self.handle_TrainerPushAdapterReq,
+            TrainerSaveStateReq: self.handle_TrainerSaveStateReq,
+            TrainerLoadStateReq: self.handle_TrainerLoadStateReq,
         }
 
     def start(self) -> None:
@@ -145,13 +150,24 @@ class TrainerWorker:
         spec, tensors = self.backend.export_adapter(req.slot)
         arrays = {name: t.detach().to(device="cpu", dtype=torch.float32).numpy() for name, t in tensors.items()}
         size_bytes = sum(a.nbytes for a in arrays.values())
-        if req.save_dir:
-            size_bytes = save_peft_adapter(req.save_dir, tensors, spec,
-                                           self.backend.slots.target_module_names(spec), self.config.model.name)
+        if req.save_dir:  # a sampler_weights checkpoint: the adapter alone, written atomically
+            size_bytes = self.backend.save_state(req.slot, req.save_dir, with_optimizer=False)
         for address in req.engine_addresses:
             self._engine_peer(address).call(EngineLoadAdapterReq(adapter_id=req.adapter_id, lora=spec,
                                                                  tensors=arrays))
         return TrainerPushAdapterResp(size_bytes=size_bytes)
+
+    def handle_TrainerSaveStateReq(self, req: TrainerSaveStateReq) -> TrainerSaveStateResp:
+        """Rank 0 writes the checkpoint; DP ranks hold the same state and write nothing."""
+        if self.rank != 0:
+            return TrainerSaveStateResp(size_bytes=0)
+        return TrainerSaveStateResp(size_bytes=self.backend.save_state(req.slot, req.directory,
+                                                                       req.with_optimizer))
+
+    def handle_TrainerLoadStateReq(self, req: TrainerLoadStateReq) -> TrainerLoadStateResp:
+        """Every rank loads (the directory must be visible to all of them)."""
+        spec = self.backend.load_state(req.slot, req.directory, req.with_optimizer, req.seed)
+        return TrainerLoadStateResp(lora=spec)
 
     def _engine_peer(self, address: str) -> BlockingPeer:
         if address not in self.engine_peers:

@@ -101,4 +101,4 @@ def cluster(tmp_path_factory, models_dir) -> RunningCluster:
 def service_client(cluster):
     client = cluster.service_client()
     yield client
-    client.close()
+    client.close("success").result()

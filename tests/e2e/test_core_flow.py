@@ -79,7 +79,7 @@ def test_custom_loss_matches_server_cross_entropy(service_client):
 
 def test_sample_from_trained_weights(trained):
     tc, tokenizer, _ = trained
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints(tokenizer.encode(chat_prompt("hello"), add_special_tokens=False))
     params = types.SamplingParams(max_tokens=12, temperature=0.7, seed=11)
     result = sampler.sample(prompt=prompt, num_samples=4, sampling_params=params).result()
@@ -95,7 +95,7 @@ def test_sample_from_trained_weights(trained):
 
 def test_compute_logprobs(trained):
     tc, tokenizer, _ = trained
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     tokens = tokenizer.encode(chat_prompt("world") + "orldway", add_special_tokens=False)
     logprobs = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
     assert len(logprobs) == len(tokens)
@@ -106,7 +106,7 @@ def test_compute_logprobs(trained):
 def test_engine_logprobs_equal_trainer_logprobs(trained):
     """For a sequence the engine sampled, the trainer's forward gives the same logprobs."""
     tc, tokenizer, _ = trained
-    sampler = tc.save_weights_and_get_sampling_client()
+    sampler = tc.save_weights_and_get_sampling_client().result()
     prompt_tokens = tokenizer.encode(chat_prompt("python"), add_special_tokens=False)
     params = types.SamplingParams(max_tokens=16, temperature=1.0, seed=5, stop=[])
     seq = sampler.sample(prompt=types.ModelInput.from_ints(prompt_tokens), num_samples=1,
@@ -127,11 +127,11 @@ def test_named_snapshot_does_not_drift(service_client):
     train_steps(tc, data, steps=2)
     path = tc.save_weights_for_sampler(name="snap-1").result().path
     assert path.endswith("/sampler_weights/snap-1")
-    sampler = service_client.create_sampling_client(model_path=path)
+    sampler = service_client.create_sampling_client(model_path=path).result()
     prompt = types.ModelInput.from_ints(tokenizer.encode(chat_prompt("token") + "okentay", add_special_tokens=False))
     before = sampler.compute_logprobs(prompt).result()
     train_steps(tc, data, steps=2)
     after = sampler.compute_logprobs(prompt).result()
     assert before == after
-    live = tc.save_weights_and_get_sampling_client().compute_logprobs(prompt).result()
+    live = tc.save_weights_and_get_sampling_client().result().compute_logprobs(prompt).result()
     assert live != before

@@ -21,6 +21,6 @@ def test_two_ranks_give_the_same_losses_as_one(service_client, tmp_path, models_
     with launch_cluster(tmp_path / "dp2", models_dir, "--trainer-ranks", "2") as dp_cluster:
         client = dp_cluster.service_client()
         two_ranks = _losses(client)
-        client.close()
+        client.close("success").result()
     assert two_ranks == pytest.approx(one_rank, abs=1e-4)
     assert two_ranks[-1] < two_ranks[0]

@@ -169,3 +169,177 @@ def test_dro_reference():
 def test_policy_losses_reject_bad_requests(loss_fn, inputs, config, message):
     with pytest.raises(ValueError, match=message):
         compute_loss(loss_fn, torch.tensor([-1.0, -2.0]), {k: torch.zeros(2) for k in inputs}, config)
+
+
+# -- gspo: a sequence-level ratio per datum, a token-level gradient ------------------------
+
+GSPO_DEFAULTS = (1.0 - 3e-4, 1.0 + 4e-4)
+
+
+def _gspo_case(lengths, seed: int = 5, spread: float = 0.3):
+    """Datums shaped like the cookbook's: a prompt (mask 0, A 0) then sampled tokens (mask 1)."""
+    rng = np.random.default_rng(seed)
+    total = sum(lengths)
+    logp = -rng.uniform(0.05, 3.0, total)
+    q = logp + rng.normal(0.0, spread, total)
+    mask = np.zeros(total)
+    advantages = np.zeros(total)
+    start = 0
+    for n in lengths:
+        prompt = n // 3
+        mask[start + prompt:start + n] = 1.0
+        advantages[start + prompt:start + n] = rng.normal(0.0, 1.0)
+        start += n
+    return logp, q, advantages, mask
+
+
+def _gspo_reference(logp, q, advantages, mask, lengths, low, high):
+    """Straight from the docstring: per-datum s_i, then per-token values and d/dlogp."""
+    loss, grad = np.zeros_like(logp), np.zeros_like(logp)
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        m = mask[sl]
+        s = np.exp((m * (logp[sl] - q[sl])).sum() / m.sum()) if m.sum() > 0 else 1.0
+        unclipped, clipped = s * advantages[sl], np.clip(s, low, high) * advantages[sl]
+        loss[sl] = -np.minimum(unclipped, clipped)
+        active = (unclipped <= clipped) | (low <= s <= high)
+        grad[sl] = np.where(active, -s * advantages[sl], 0.0)
+        start += n
+    return loss, grad
+
+
+def _gspo_loss_and_grad(logp, q, advantages, mask, lengths, config):
+    target_logprobs = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    inputs = {"logprobs": torch.tensor(q), "advantages": torch.tensor(advantages),
+              "sequence_ratio_mask": torch.tensor(mask)}
+    elementwise, metrics = compute_loss("gspo", target_logprobs, inputs, config, torch.tensor(lengths))
+    elementwise.sum().backward()
+    return elementwise.detach().numpy(), target_logprobs.grad.numpy(), metrics
+
+
+@pytest.mark.parametrize("config, low, high, spread", [
+    ({}, *GSPO_DEFAULTS, 1e-3),  # the paper's tight band: sequence ratios straddle it
+    ({"clip_low_threshold": 0.8, "clip_high_threshold": "1.2"}, 0.8, 1.2, 0.6),
+])
+def test_gspo_reference(config, low, high, spread):
+    lengths = [9, 4, 12, 7, 6, 10, 5, 8, 3, 11, 6, 4, 9, 7, 5, 8]
+    logp, q, adv, mask = _gspo_case(lengths, spread=spread)
+    expected_loss, expected_grad = _gspo_reference(logp, q, adv, mask, lengths, low, high)
+    loss, grad, metrics = _gspo_loss_and_grad(logp, q, adv, mask, lengths, config)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-12, atol=1e-15)
+    assert metrics["loss:sum"] == pytest.approx(expected_loss.sum())
+    # the case exercises clipped (zero-gradient) and unclipped datums
+    assert (grad[adv != 0] == 0).any() and (grad[adv != 0] != 0).any()
+
+
+def test_gspo_gradient_equals_the_sequence_level_objective():
+    """With A constant on the masked tokens and 0 elsewhere, GSPO-token's gradient is that
+    of GSPO's sequence objective -|y_i| * min(s_i A_i, clip(s_i) A_i), s_i differentiable."""
+    lengths = [10, 6, 9, 12]
+    logp, q, adv, mask = _gspo_case(lengths, seed=11, spread=0.2)
+    low, high = 0.9, 1.1
+    _, grad, _ = _gspo_loss_and_grad(logp, q, adv, mask, lengths,
+                                     {"clip_low_threshold": low, "clip_high_threshold": high})
+    x = torch.tensor(logp, requires_grad=True)
+    total, start = 0.0, 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        m = torch.tensor(mask[sl])
+        s = torch.exp((m * (x[sl] - torch.tensor(q[sl]))).sum() / m.sum())
+        a = float(adv[sl][mask[sl] > 0][0])
+        total = total - m.sum() * torch.minimum(s * a, s.clamp(low, high) * a)
+        start += n
+    total.backward()
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_gspo_ratio_is_per_datum_and_only_over_masked_tokens():
+    logp = np.array([-1.0, -2.0, -0.5, -0.1, -3.0])
+    q = np.array([-1.0, -2.1, -0.7, -9.0, -3.0])  # token 3 is masked out: its ratio is huge
+    adv = np.ones(5)
+    mask = np.array([1.0, 1.0, 1.0, 0.0, 1.0])
+    wide = {"clip_low_threshold": 0.0, "clip_high_threshold": 100.0}
+    loss, _, _ = _gspo_loss_and_grad(logp, q, adv, mask, [3, 2], wide)
+    s0, s1 = np.exp((0.0 + 0.1 + 0.2) / 3), np.exp(0.0)
+    np.testing.assert_allclose(loss, -np.array([s0, s0, s0, s1, s1]), rtol=1e-12)
+    # one datum instead of two: a single ratio over all masked tokens
+    loss_one, _, _ = _gspo_loss_and_grad(logp, q, adv, mask, [5], wide)
+    np.testing.assert_allclose(loss_one, -np.full(5, np.exp(0.3 / 4)), rtol=1e-12)
+    # lengths default to one datum
+    elementwise, _ = compute_loss("gspo", torch.tensor(logp), {
+        "logprobs": torch.tensor(q), "advantages": torch.tensor(adv),
+        "sequence_ratio_mask": torch.tensor(mask)}, wide)
+    np.testing.assert_allclose(elementwise.numpy(), loss_one, rtol=1e-12)
+
+
+def test_gspo_datum_without_masked_tokens_has_ratio_one():
+    loss, grad, _ = _gspo_loss_and_grad(np.array([-1.0, -2.0]), np.array([-5.0, -0.1]),
+                                        np.array([2.0, -1.0]), np.zeros(2), [2], {})
+    np.testing.assert_allclose(loss, [-2.0, 1.0])
+    np.testing.assert_allclose(grad, [-2.0, 1.0])  # s = 1 is inside the clip band
+
+
+def test_gspo_absurd_ratios_stay_finite():
+    loss, grad, _ = _gspo_loss_and_grad(np.array([-1.0, -1.0, -1.0]), np.array([-500.0, -500.0, -1.0]),
+                                        np.array([0.0, -1.0, 0.0]), np.array([1.0, 1.0, 0.0]), [3], {})
+    assert np.isfinite(loss).all() and np.isfinite(grad).all()
+    assert loss[0] == 0.0 and loss[2] == 0.0
+
+
+@pytest.mark.parametrize("inputs, config, lengths, message", [
+    ({"logprobs": 1, "advantages": 1}, {}, None, "needs loss_fn_inputs\\['sequence_ratio_mask'\\]"),
+    ({"logprobs": 1, "advantages": 1, "sequence_ratio_mask": -1}, {}, None, "finite values >= 0"),
+    ({"logprobs": 1, "advantages": 1, "sequence_ratio_mask": 1},
+     {"clip_low_threshold": 1.2, "clip_high_threshold": 0.8}, None, "clip_low_threshold <= "),
+    ({"logprobs": 1, "advantages": 1, "sequence_ratio_mask": 1}, {"beta": 0.1}, None, "not used by gspo"),
+    ({"logprobs": 1, "advantages": 1, "sequence_ratio_mask": 1}, {}, [1, 2], "do not split"),
+])
+def test_gspo_rejects_bad_requests(inputs, config, lengths, message):
+    with pytest.raises(ValueError, match=message):
+        compute_loss("gspo", torch.tensor([-1.0, -2.0]), {k: torch.full((2,), float(v)) for k, v in inputs.items()},
+                     config, lengths)
+
+
+def test_gspo_rejects_top_k_targets():
+    with pytest.raises(ValueError, match="shape \\[N\\]"):
+        compute_loss("gspo", torch.zeros(3, 2), {k: torch.zeros(3, 2) for k in
+                                                 ("logprobs", "advantages", "sequence_ratio_mask")}, {})
+
+
+def test_gspo_through_the_backend_uses_datum_boundaries(builtin_model_dir):
+    """The backend hands compute_loss the batch's lengths: its gradient equals cross_entropy's
+    with weights sg(s_i) * A_t, s_i computed per datum from the returned logprobs."""
+    from actors.trainer.backend import TorchTrainerBackend
+    from cluster.config import ClusterConfig, ModelConfig, TrainerConfig
+    from cluster.messages import DatumBatch, LoraSpec
+
+    backend = TorchTrainerBackend(ClusterConfig(model=ModelConfig(path=str(builtin_model_dir), name="tiny"),
+                                                trainer=TrainerConfig(max_adapters=1, max_lora_rank=4)))
+    backend.create_adapter(1, LoraSpec(rank=4, alpha=8.0, seed=3))
+    lengths = [7, 5, 9]
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 900, n + 1) for n in lengths]
+    tokens = np.concatenate([s[:-1] for s in seqs]).astype(np.int64)
+    targets = np.concatenate([s[1:] for s in seqs]).astype(np.int64)
+    _, _, adv, mask = _gspo_case(lengths, seed=2)
+    base = backend.forward_backward(1, "cross_entropy", {}, True, DatumBatch(
+        tokens=tokens, lengths=np.array(lengths), loss_inputs={"target_tokens": targets,
+                                                               "weights": np.zeros(len(tokens), np.float32)}))
+    q = (base.logprobs + rng.normal(0.0, 0.05, len(tokens))).astype(np.float32)
+    wide = {"clip_low_threshold": 0.0, "clip_high_threshold": 100.0}
+    result = backend.forward_backward(1, "gspo", wide, False, DatumBatch(
+        tokens=tokens, lengths=np.array(lengths), loss_inputs={
+            "target_tokens": targets, "logprobs": q, "advantages": adv.astype(np.float32),
+            "sequence_ratio_mask": mask.astype(np.float32)}))
+    gspo_grads = {n: p.grad.clone() for n, p in backend.optimizer.params.items()}
+    expected_loss, expected_grad = _gspo_reference(result.logprobs.astype(np.float64), q.astype(np.float64),
+                                                   adv, mask, lengths, 0.0, 100.0)
+    np.testing.assert_allclose(result.elementwise_loss, expected_loss, rtol=1e-5, atol=1e-6)
+    backend.optimizer.zero_grad(1)
+    backend.forward_backward(1, "cross_entropy", {}, False, DatumBatch(
+        tokens=tokens, lengths=np.array(lengths), loss_inputs={
+            "target_tokens": targets, "weights": (-expected_grad).astype(np.float32)}))
+    for n, p in backend.optimizer.params.items():
+        torch.testing.assert_close(gspo_grads[n], p.grad, rtol=1e-4, atol=1e-7)

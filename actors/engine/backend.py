@@ -1,0 +1,388 @@
+"""The torch engine backend: a transformers model, LoRA slots, batched generation.
+
+This is the engine backend interface (an SGLang backend implements the same methods):
+`load_adapter`, `load_adapter_from_disk`, `unload_adapter`, `generate`, and the
+step-wise form the engine process drives, `submit` / `step` / `abort_all`.
+
+Generation is continuous batching over one left-padded KV cache (actors/engine/kv_batch.py):
+every sequence in flight (requests × samples, any adapters, any prompt lengths) shares
+one forward per step, each row with its own LoRA slot (`LoraSlots.use(slots)`). A step
+first admits queued requests while there is room (`max_batch_sequences`): their prompts
+are prefilled together once per request, the cache rows are replicated per sample, and
+the new rows join the running batch; then every running row decodes one token.
+Finished rows leave the batch at once.
+
+Numerics: logprobs are the raw model's (temperature 1, unfiltered), log_softmax in
+float32 — the same function as the trainer's forward (actors/engine/sampling.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from actors.engine.adapters import AdapterTable
+from actors.engine.kv_batch import KvBatch, left_padded
+from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
+from actors.lora import PEFT_PREFIX, LoraSlots, load_peft_adapter, module_kind, trains_kind
+from actors.model_loading import load_causal_lm, load_tokenizer
+from cluster.config import ClusterConfig
+from cluster.messages import EngineSampleReq, LoraSpec, SampledSequence, SampleResult
+
+log = logging.getLogger(__name__)
+
+# Sentinel of an empty top-k cell (Tinker's TopkLogprobs convention); row 0 is all sentinel.
+TOPK_SENTINEL_ID = 0
+TOPK_SENTINEL_LOGPROB = -99999.0
+# Padded prompt tokens per prefill forward: bounds the activations (and the full
+# [rows, width, vocab] logits when prompt logprobs are asked for) of one admission.
+PREFILL_TOKEN_BUDGET = 8192
+
+
+@dataclass
+class _Request:
+    ticket: int
+    spec: EngineSampleReq
+    slot: int
+    prompt: torch.Tensor  # long [n] on the model's device
+    stop: StopCondition
+    sequences: list[SampledSequence | None]
+    result: SampleResult = field(default_factory=SampleResult)
+    admitted: int = 0  # samples that have entered the batch
+    finished: int = 0
+
+    @property
+    def waiting_samples(self) -> int:
+        return self.spec.num_samples - self.admitted
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        return self.spec.prompt_logprobs or self.spec.topk_prompt_logprobs > 0
+
+
+@dataclass
+class _Row:
+    """One sequence (one sample of one request) in the running batch."""
+
+    request: _Request
+    sample_index: int
+    generator: torch.Generator | None  # None for greedy rows
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+class TorchEngineBackend:
+    def __init__(self, config: ClusterConfig):
+        engine = config.engine
+        self.model = load_causal_lm(config.model.path, engine.dtype, engine.device)
+        self.device = next(self.model.parameters()).device
+        self.tokenizer = load_tokenizer(config.model.tokenizer_dir or config.model.path)
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.max_context = config.model.max_context or int(self.model.config.max_position_embeddings)
+        self.max_batch_sequences = engine.max_batch_sequences
+        if self.max_batch_sequences < 1:
+            raise ValueError("engine.max_batch_sequences must be at least 1")
+        self.slots = LoraSlots(self.model, engine.max_adapters + 1, engine.max_lora_rank)
+        for p in self.slots.parameters():
+            p.requires_grad_(False)  # the engine never trains
+        self.adapters = AdapterTable(self.slots.num_slots)
+        self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
+        self._active: dict[int, _Request] = {}  # ticket -> every accepted, undelivered request
+        self._queue: deque[_Request] = deque()
+        self._rows: list[_Row] = []
+        self._batch: KvBatch | None = None
+        self._tickets = itertools.count(1)
+
+    def info(self) -> dict:
+        return {"vocab_size": self.vocab_size, "num_slots": self.slots.num_slots,
+                "max_lora_rank": self.slots.max_rank, "max_batch_sequences": self.max_batch_sequences,
+                "eos_token_ids": sorted(self.eos_token_ids)}
+
+    # -- adapters ------------------------------------------------------------------------
+
+    def load_adapter(self, adapter_id: str, spec: LoraSpec, tensors: dict) -> None:
+        """Load (or replace) an adapter given in PEFT layout; may evict the LRU idle adapter.
+
+        Raises ValueError for a bad spec or tensors (nothing changes then), and
+        AdapterSlotsBusy when every slot is pinned by requests in flight.
+        """
+        checked = self._checked_tensors(spec, tensors)
+        slot = self.adapters.choose_slot(adapter_id)
+        try:
+            self.slots.load_slot(slot, spec, checked)
+        except Exception:
+            self.adapters.discard_slot(slot)
+            self.slots.clear_slot(slot)
+            raise
+        for freed in self.adapters.assign(adapter_id, slot):
+            self.slots.clear_slot(freed)
+        log.info("adapter %s loaded in slot %d (rank %d)", adapter_id, slot, spec.rank)
+
+    def load_adapter_from_disk(self, adapter_id: str, path: str) -> None:
+        """Load a PEFT directory (adapter_model.safetensors + adapter_config.json)."""
+        try:
+            spec, tensors = load_peft_adapter(path)
+        except FileNotFoundError as exc:
+            raise ValueError(f"no PEFT adapter at {path!r}: {exc}") from exc
+        self.load_adapter(adapter_id, spec, tensors)
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter (unknown ids are fine: unloading is idempotent).
+
+        Requests already accepted for it still finish; its slot is freed after them.
+        """
+        for freed in self.adapters.remove(adapter_id):
+            self.slots.clear_slot(freed)
+
+    def loaded_adapters(self) -> list[str]:
+        return self.adapters.loaded()
+
+    def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:
+        """Validate spec, names, shapes and values before any slot is touched."""
+        self.slots.validate(spec)
+        expected = {}
+        for path, module in self.slots.modules.items():
+            if trains_kind(spec, module_kind(path)):
+                expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (spec.rank, module.base.in_features)
+                expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (module.base.out_features, spec.rank)
+        if set(tensors) != set(expected):
+            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, "
+                             f"unexpected {extra[:3]}")
+        checked = {}
+        for name, shape in expected.items():
+            value = tensors[name]
+            # np.array copies: wire arrays are read-only views of ZMQ frames
+            tensor = value.detach() if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{name} has shape {list(tensor.shape)}, expected {list(shape)}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{name} holds non-finite values")
+            checked[name] = tensor
+        return checked
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(self, requests: list[EngineSampleReq]) -> list[SampleResult]:
+        """Run `requests` to completion, batched together; results in request order.
+
+        For exclusive use of the backend (tests, benchmarks): the engine process
+        interleaves `submit` and `step` with its sockets instead.
+        """
+        prepared = [self._prepare(r) for r in requests]  # all validated before any is queued
+        for request in prepared:
+            self._enqueue(request)
+        results: dict[int, SampleResult] = {}
+        try:
+            while len(results) < len(prepared):
+                results.update(self.step())
+        except BaseException:
+            self.abort_all()
+            raise
+        return [results[r.ticket] for r in prepared]
+
+    def submit(self, req: EngineSampleReq) -> int:
+        """Queue a request; return its ticket, which `step` reports when it is done.
+
+        Raises ValueError for an invalid request, UnknownAdapterError for an adapter
+        this engine does not hold.
+        """
+        request = self._prepare(req)
+        self._enqueue(request)
+        return request.ticket
+
+    def has_work(self) -> bool:
+        return bool(self._active)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, SampleResult]]:
+        """Admit what fits, decode one token for every running row; return finished requests."""
+        finished: list[tuple[int, SampleResult]] = []
+        self._admit(finished)
+        if self._rows:
+            self._decode(finished)
+        # only now, so that after a failed step abort_all still finds (and unpins) them
+        for ticket, _ in finished:
+            self._release(self._active.pop(ticket))
+        return finished
+
+    def abort_all(self) -> list[int]:
+        """Drop every queued and running request (after a failed step); return their tickets."""
+        requests, self._active = self._active, {}
+        self._queue.clear()
+        self._rows, self._batch = [], None
+        for request in requests.values():
+            self._release(request)
+        return sorted(requests)
+
+    def _prepare(self, req: EngineSampleReq) -> _Request:
+        self._validate(req)
+        slot = self.adapters.slot_for(req.adapter_id)
+        prompt = torch.as_tensor(np.array(req.prompt_tokens, dtype=np.int64), device=self.device)
+        return _Request(ticket=next(self._tickets), spec=req, slot=slot, prompt=prompt,
+                        stop=StopCondition(req.params, self.eos_token_ids, self.tokenizer),
+                        sequences=[None] * req.num_samples)
+
+    def _enqueue(self, request: _Request) -> None:
+        self.adapters.pin(request.slot)
+        self._active[request.ticket] = request
+        self._queue.append(request)
+
+    def _release(self, request: _Request) -> None:
+        freed = self.adapters.unpin(request.slot)
+        if freed is not None:
+            self.slots.clear_slot(freed)
+
+    def _validate(self, req: EngineSampleReq) -> None:
+        tokens, p = np.asarray(req.prompt_tokens), req.params
+        if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError("prompt_tokens must be a non-empty 1-D array of token ids")
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise ValueError(f"prompt has token ids outside [0, {self.vocab_size})")
+        if req.num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {req.num_samples}")
+        if p.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {p.max_tokens}")
+        if len(tokens) + p.max_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                             f"model's context window of {self.max_context}")
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < -1:
+            raise ValueError(f"top_k must be -1 (off), 0 (off) or positive, got {p.top_k}")
+        if not 0 <= req.topk_prompt_logprobs <= self.vocab_size:
+            raise ValueError(f"topk_prompt_logprobs must be in [0, {self.vocab_size}], "
+                             f"got {req.topk_prompt_logprobs}")
+
+    # -- the batch -----------------------------------------------------------------------
+
+    def _admit(self, finished: list) -> None:
+        """Move queued samples into the batch while there is room, one prefill forward."""
+        room = self.max_batch_sequences - len(self._rows)
+        chunks: list[tuple[_Request, range]] = []
+        width = 0
+        while self._queue and room > 0:
+            request = self._queue[0]
+            width = max(width, len(request.prompt))
+            if chunks and (len(chunks) + 1) * width > PREFILL_TOKEN_BUDGET:
+                break
+            count = min(request.waiting_samples, room)
+            chunks.append((request, range(request.admitted, request.admitted + count)))
+            request.admitted += count
+            room -= count
+            if request.waiting_samples:
+                break  # the rest of its samples wait for rows to free up
+            self._queue.popleft()
+        if chunks:
+            self._prefill(chunks, finished)
+
+    def _prefill(self, chunks: list[tuple[_Request, range]], finished: list) -> None:
+        """Prefill each chunk's prompt once, take every sample's first token, join the batch."""
+        requests = [request for request, _ in chunks]
+        input_ids, attention_mask, position_ids = left_padded([r.prompt for r in requests])
+        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        first_visits = [i for i, (r, samples) in enumerate(chunks) if samples.start == 0]
+        full_logits = any(requests[i].wants_prompt_logits for i in first_visits)
+        cache = DynamicCache()
+        with self.slots.use(slots):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids, past_key_values=cache, use_cache=True,
+                                logits_to_keep=0 if full_logits else 1).logits
+        for i in first_visits:
+            if requests[i].wants_prompt_logits:
+                _record_prompt_logprobs(requests[i], logits[i])
+        counts = torch.tensor([len(samples) for _, samples in chunks], device=self.device)
+        per_sample = torch.repeat_interleave(torch.arange(len(chunks), device=self.device), counts)
+        rows = [_Row(request, i, _generator_for(request, i)) for request, samples in chunks for i in samples]
+        tokens, keep = self._extend(rows, logits[:, -1].index_select(0, per_sample), finished)
+        if not keep:
+            return
+        prompts = KvBatch(cache=cache, attention_mask=attention_mask,
+                          positions=torch.tensor([len(r.prompt) for r in requests], device=self.device),
+                          pending=torch.zeros(len(requests), dtype=torch.long, device=self.device), slots=slots)
+        keep_index = torch.tensor(keep, device=self.device)
+        joining = prompts.select(per_sample.index_select(0, keep_index))
+        joining.pending = tokens.index_select(0, keep_index)
+        self._rows += [rows[i] for i in keep]
+        self._batch = joining if self._batch is None else KvBatch.concat(self._batch, joining)
+
+    def _decode(self, finished: list) -> None:
+        with self.slots.use(self._batch.slots):
+            logits = self.model(**self._batch.advance()).logits[:, -1]
+        tokens, keep = self._extend(self._rows, logits, finished)
+        self._batch.pending = tokens
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
+
+    def _extend(self, rows: list[_Row], logits: torch.Tensor, finished: list) -> tuple[torch.Tensor, list[int]]:
+        """Choose each row's next token; return the tokens and the indices of rows still running."""
+        tokens = choose_tokens(logits, [r.request.spec.params for r in rows], [r.generator for r in rows])
+        logprobs = raw_logprobs(logits).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        keep = []
+        for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
+            row.tokens.append(token)
+            row.logprobs.append(logprob)
+            reason = row.request.stop.reason(row.tokens)
+            if reason is None:
+                keep.append(i)
+            else:
+                self._finish(row, reason, finished)
+        return tokens, keep
+
+    def _finish(self, row: _Row, reason: str, finished: list) -> None:
+        request = row.request
+        request.sequences[row.sample_index] = SampledSequence(
+            tokens=np.array(row.tokens, dtype=np.int32), logprobs=np.array(row.logprobs, dtype=np.float32),
+            stop_reason=reason)
+        request.finished += 1
+        if request.finished == request.spec.num_samples:
+            request.result.sequences = list(request.sequences)
+            finished.append((request.ticket, request.result))
+
+
+def _generator_for(request: _Request, sample_index: int) -> torch.Generator | None:
+    if request.spec.params.temperature == 0:
+        return None
+    return sample_generator(request.spec.params.seed, sample_index)
+
+
+def _record_prompt_logprobs(request: _Request, logits: torch.Tensor) -> None:
+    """Fill the request's prompt logprobs from its prefill logits (left-padded: the last n rows).
+
+    Entry i is log p(prompt[i] | prompt[:i]); entry 0 has no context (NaN / sentinel row).
+    """
+    n = len(request.prompt)
+    logprobs = raw_logprobs(logits[logits.shape[0] - n:-1])  # [n-1, V]: row j predicts prompt[j+1]
+    if request.spec.prompt_logprobs:
+        values = np.full(n, np.nan, dtype=np.float32)
+        values[1:] = logprobs.gather(1, request.prompt[1:].unsqueeze(1)).squeeze(1).cpu().numpy()
+        request.result.prompt_logprobs = values
+    k = request.spec.topk_prompt_logprobs
+    if k > 0:
+        ids = np.full((n, k), TOPK_SENTINEL_ID, dtype=np.int32)
+        values = np.full((n, k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
+        top = logprobs.topk(k, dim=-1)
+        ids[1:] = top.indices.cpu().numpy()
+        values[1:] = top.values.cpu().numpy()
+        request.result.topk_prompt_token_ids = ids
+        request.result.topk_prompt_logprobs = values
+
+
+def _eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id the model or tokenizer calls EOS (chat models often list several)."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return ids

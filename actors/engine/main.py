@@ -1,0 +1,265 @@
+"""An engine process: one sampling engine (torch backend), serving the controller.
+
+    python -m actors.engine.main --config cluster.json --index I
+
+`EngineWorker.event_loop()` polls two sockets:
+- a DEALER (identity `engine-I`) connected to the controller's worker ROUTER: sample
+  requests, adapter loads from disk, unloads, shutdown;
+- a ROUTER bound at `engine.weights_addresses[I]`, where trainer rank 0 pushes
+  adapters (`EngineLoadAdapterReq`), answered on that ROUTER to that peer.
+
+Sample requests are queued in the backend and answered one by one as they finish.
+While a batch runs, the loop polls both sockets without blocking between decode
+steps, so adapter loads and new requests are taken at once; new requests join the
+running batch (continuous batching). A load that finds every slot pinned by running
+requests waits until one frees up.
+
+Requests are answered by `handle_<MessageName>` methods; a ValueError becomes a 400
+ErrorResp, an unknown adapter a 410, anything else a 500, and the engine keeps
+serving. An error outside the handlers is fatal: the engine reports it with
+WorkerFailedEvent and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import zmq
+
+from actors.engine.adapters import AdapterSlotsBusy, UnknownAdapterError
+from actors.engine.backend import TorchEngineBackend
+from cluster.codec import CodecError
+from cluster.config import ClusterConfig
+from cluster.messages import (
+    EngineLoadAdapterFromDiskReq,
+    EngineLoadAdapterReq,
+    EngineLoadAdapterResp,
+    EngineSampleReq,
+    EngineSampleResp,
+    EngineUnloadAdapterReq,
+    EngineUnloadAdapterResp,
+    ErrorResp,
+    ShutdownEvent,
+    WorkerFailedEvent,
+    WorkerReadyEvent,
+)
+from cluster.process import die_with_parent, set_process_name, setup_logging
+from cluster.transport import BlockingPeer
+
+log = logging.getLogger(__name__)
+
+ROLE = "engine"
+FINAL_MESSAGE_LINGER_MS = 2000  # how long close() may wait for the last message to leave
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a request came from, so its reply goes back the same way."""
+
+    peer: BlockingPeer
+    identity: bytes | None  # the sender on a ROUTER; None on the DEALER
+
+
+class EngineWorker:
+    def __init__(self, config: ClusterConfig, index: int):
+        self.config = config
+        self.index = index
+        self.ctx = zmq.Context()
+        # connected before anything can fail, so even a failed model load gets reported
+        self.controller = BlockingPeer(self.ctx, zmq.DEALER, config.controller.worker_address,
+                                       bind=False, identity=f"engine-{index}".encode())
+        self.weights: BlockingPeer | None = None
+        self.weights_address = ""
+        self.backend: TorchEngineBackend | None = None
+        self.running = False
+        self.waiting: dict[int, tuple[_Origin, EngineSampleReq]] = {}  # backend ticket -> requester
+        self.deferred_loads: list[tuple[_Origin, Any]] = []
+        self.handlers: dict[type, Callable[[Any, _Origin], Any]] = {
+            EngineSampleReq: self.handle_EngineSampleReq,
+            EngineLoadAdapterReq: self.handle_EngineLoadAdapterReq,
+            EngineLoadAdapterFromDiskReq: self.handle_EngineLoadAdapterFromDiskReq,
+            EngineUnloadAdapterReq: self.handle_EngineUnloadAdapterReq,
+            ShutdownEvent: self.handle_ShutdownEvent,
+        }
+
+    def start(self) -> None:
+        """Bind the weights socket, load the model, tell the controller this engine is ready."""
+        addresses = self.config.engine.weights_addresses
+        if not 0 <= self.index < len(addresses):
+            raise ValueError(f"engine index {self.index} has no weights address "
+                             f"(engine.weights_addresses has {len(addresses)})")
+        self.weights_address = addresses[self.index]
+        self.weights = BlockingPeer(self.ctx, zmq.ROUTER, self.weights_address, bind=True)
+        self.backend = TorchEngineBackend(self.config)
+        self.controller.send(WorkerReadyEvent(role=ROLE, rank=self.index, world_size=self.config.engine.count,
+                                              weights_address=self.weights_address, info=self.backend.info()))
+        log.info("engine %d ready, weights at %s (%s)", self.index, self.weights_address, self.backend.info())
+
+    def event_loop(self) -> None:
+        """Serve until a ShutdownEvent arrives."""
+        poller = zmq.Poller()
+        sockets = {self.controller.sock: self.controller, self.weights.sock: self.weights}
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        self.running = True
+        while self.running:
+            busy = self.backend.has_work()
+            # idle: block until a message comes; busy: just look, then compute a step
+            for sock, _ in poller.poll(0 if busy else None):
+                self._drain(sockets[sock])
+            if not self.running:
+                break
+            if self.backend.has_work() and self._step():
+                self._retry_deferred_loads()  # finished requests may have unpinned a slot
+        self._fail_requests(503, "the engine is shutting down")
+        self._fail_deferred_loads(503, "the engine is shutting down")
+
+    def _drain(self, peer: BlockingPeer) -> None:
+        """Handle every message already waiting on `peer`."""
+        while self.running:
+            try:
+                got = peer.recv(timeout_ms=0)
+            except CodecError as exc:
+                log.error("dropping an undecodable message: %s", exc)
+                continue
+            if got is None:
+                return
+            identity, msg = got
+            self._dispatch(msg, _Origin(peer, identity))
+
+    def _dispatch(self, msg: Any, origin: _Origin) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            log.warning("engine does not handle %s", type(msg).__name__)
+            if type(msg).__name__.endswith("Req"):
+                self._reply(origin, msg, ErrorResp(status=400, detail=f"engine does not handle {type(msg).__name__}"))
+            return
+        try:
+            resp = handler(msg, origin)
+        except AdapterSlotsBusy:
+            log.info("%s waits: every adapter slot is in use", type(msg).__name__)
+            self.deferred_loads.append((origin, msg))
+            return
+        except Exception as exc:
+            resp = _error_resp(msg, exc, self.index)
+        if resp is not None:
+            self._reply(origin, msg, resp)
+
+    def _reply(self, origin: _Origin, req: Any, resp: Any) -> None:
+        origin.peer.reply(req, resp, origin.identity)
+
+    def _step(self) -> bool:
+        """Run one generation step and answer the requests it finished; True if any finished."""
+        try:
+            done = self.backend.step()
+        except Exception as exc:  # the batch is lost, the engine is not: fail its requests, go on
+            log.exception("generation step failed")
+            self._fail_requests(500, f"engine {self.index}: generation failed: {type(exc).__name__}: {exc}")
+            return True
+        for ticket, result in done:
+            origin, req = self.waiting.pop(ticket)
+            self._reply(origin, req, EngineSampleResp(result=result))
+        return bool(done)
+
+    def _fail_requests(self, status: int, detail: str) -> None:
+        """Answer every sample request in the backend with an error and drop it."""
+        for ticket in self.backend.abort_all():
+            origin, req = self.waiting.pop(ticket)
+            self._reply(origin, req, ErrorResp(status=status, detail=detail))
+
+    def _fail_deferred_loads(self, status: int, detail: str) -> None:
+        for origin, req in self.deferred_loads:
+            self._reply(origin, req, ErrorResp(status=status, detail=detail))
+        self.deferred_loads = []
+
+    def _retry_deferred_loads(self) -> None:
+        pending, self.deferred_loads = self.deferred_loads, []
+        for origin, msg in pending:
+            self._dispatch(msg, origin)  # re-deferred if the slots are still all pinned
+
+    def report_failure(self, error: BaseException) -> None:
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        self.controller.send(WorkerFailedEvent(role=ROLE, rank=self.index, error=detail))
+
+    def close(self) -> None:
+        if self.weights is not None:
+            self.weights.close()
+        # not BlockingPeer.close(): it discards unsent messages (LINGER 0), and the last
+        # message may be the failure report the controller is waiting for
+        self.controller.sock.close(linger=FINAL_MESSAGE_LINGER_MS)
+        self.ctx.term()
+
+    # -- handlers ------------------------------------------------------------------------
+
+    def handle_EngineSampleReq(self, req: EngineSampleReq, origin: _Origin) -> None:
+        ticket = self.backend.submit(req)
+        self.waiting[ticket] = (origin, req)
+        return None  # answered by _step when its samples are done
+
+    def handle_EngineLoadAdapterReq(self, req: EngineLoadAdapterReq, origin: _Origin) -> EngineLoadAdapterResp:
+        self.backend.load_adapter(req.adapter_id, req.lora, req.tensors)
+        return EngineLoadAdapterResp()
+
+    def handle_EngineLoadAdapterFromDiskReq(self, req: EngineLoadAdapterFromDiskReq,
+                                            origin: _Origin) -> EngineLoadAdapterResp:
+        self.backend.load_adapter_from_disk(req.adapter_id, req.path)
+        return EngineLoadAdapterResp()
+
+    def handle_EngineUnloadAdapterReq(self, req: EngineUnloadAdapterReq, origin: _Origin) -> EngineUnloadAdapterResp:
+        self.backend.unload_adapter(req.adapter_id)
+        return EngineUnloadAdapterResp()
+
+    def handle_ShutdownEvent(self, event: ShutdownEvent, origin: _Origin) -> None:
+        log.info("shutdown requested")
+        self.running = False
+        return None
+
+
+def _error_resp(msg: Any, exc: Exception, index: int) -> ErrorResp | None:
+    """The ErrorResp a failed handler answers with (None for one-way events)."""
+    name = type(msg).__name__
+    if isinstance(exc, UnknownAdapterError):
+        log.info("%s: %s", name, exc)
+        status, detail = 410, str(exc)
+    elif isinstance(exc, ValueError):
+        log.info("%s rejected: %s", name, exc)
+        status, detail = 400, str(exc)
+    else:
+        log.exception("%s failed", name)
+        status, detail = 500, f"engine {index}: {type(exc).__name__}: {exc}"
+    return ErrorResp(status=status, detail=detail) if name.endswith("Req") else None
+
+
+def run_engine_process(config: ClusterConfig, index: int) -> int:
+    """Serve as engine `index` until shutdown; return the process exit code."""
+    set_process_name(f"tinkerd-engine{index}")
+    die_with_parent()
+    setup_logging(f"engine{index}")
+    worker = EngineWorker(config, index)
+    try:
+        worker.start()
+        worker.event_loop()
+        return 0
+    except Exception as exc:
+        log.exception("engine %d failed", index)
+        worker.report_failure(exc)
+        return 1
+    finally:
+        worker.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="tinkerd sampling engine")
+    parser.add_argument("--config", required=True, help="ClusterConfig JSON file")
+    parser.add_argument("--index", type=int, required=True, help="which engine (0-based)")
+    args = parser.parse_args()
+    sys.exit(run_engine_process(ClusterConfig.load(args.config), args.index))
+
+
+if __name__ == "__main__":
+    main()

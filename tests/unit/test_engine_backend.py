@@ -1,0 +1,334 @@
+"""TorchEngineBackend on the built-in model, checked against the bare HF model.
+
+References are deliberately naive: a greedy loop that runs a full forward over the
+whole sequence at every step (no cache, no padding, no batching), and log_softmax of
+one full forward for logprobs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from actors.engine.adapters import AdapterSlotsBusy, UnknownAdapterError
+from actors.engine.backend import TOPK_SENTINEL_LOGPROB, TorchEngineBackend
+from actors.lora import PEFT_PREFIX, module_kind, save_peft_adapter, trains_kind
+from actors.model_loading import load_causal_lm
+from cluster.config import ClusterConfig, EngineConfig, ModelConfig
+from cluster.messages import EngineSampleReq, LoraSpec, SamplingParams
+
+TOL = 1e-4
+SPEC = LoraSpec(rank=4, alpha=8.0)
+
+
+@pytest.fixture(scope="module")
+def backend(builtin_model_dir) -> TorchEngineBackend:
+    config = ClusterConfig(model=ModelConfig(path=str(builtin_model_dir), name="tiny"),
+                           engine=EngineConfig(max_adapters=2, max_lora_rank=8, max_batch_sequences=64))
+    return TorchEngineBackend(config)
+
+
+@pytest.fixture(scope="module")
+def reference(builtin_model_dir):
+    return load_causal_lm(str(builtin_model_dir))
+
+
+@pytest.fixture(autouse=True)
+def fresh_engine(backend):
+    """Every test starts with no adapters loaded and the configured batch size."""
+    yield
+    for adapter_id in backend.loaded_adapters():
+        backend.unload_adapter(adapter_id)
+    backend.max_batch_sequences = 64
+    assert not backend.has_work()
+
+
+def _prompt(backend, text: str) -> np.ndarray:
+    return np.array(backend.tokenizer.encode(text), dtype=np.int64)
+
+
+def _request(prompt, adapter_id=None, num_samples=1, **params) -> EngineSampleReq:
+    params.setdefault("temperature", 0.0)
+    params.setdefault("stop_at_eos", False)
+    return EngineSampleReq(adapter_id=adapter_id, prompt_tokens=np.asarray(prompt, dtype=np.int64),
+                           num_samples=num_samples, params=SamplingParams(**params))
+
+
+@torch.no_grad()
+def _full_logprobs(model, tokens) -> torch.Tensor:
+    """log_softmax of one plain forward over `tokens`: row t predicts tokens[t+1]."""
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).unsqueeze(0)
+    return model(input_ids=ids).logits[0].float().log_softmax(dim=-1)
+
+
+@torch.no_grad()
+def _reference_greedy(model, prompt, steps: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(_full_logprobs(model, seq)[-1].argmax()))
+    return seq[len(prompt):]
+
+
+def _continuation_logprobs(model, prompt, tokens) -> np.ndarray:
+    """Reference logprob of each generated token given everything before it."""
+    full = _full_logprobs(model, list(prompt) + list(tokens))
+    rows = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(tokens))
+    return full[rows, torch.as_tensor(np.asarray(tokens, dtype=np.int64))].numpy()
+
+
+def _random_adapter(backend, spec: LoraSpec, seed: int, std: float = 0.05) -> dict[str, np.ndarray]:
+    """PEFT-named tensors with non-zero A and B, so the adapter changes the model."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, module in backend.slots.modules.items():
+        if trains_kind(spec, module_kind(path)):
+            a = std * torch.randn(spec.rank, module.base.in_features, generator=gen)
+            b = std * torch.randn(module.base.out_features, spec.rank, generator=gen)
+            tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.numpy()
+            tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = b.numpy()
+    return tensors
+
+
+@torch.no_grad()
+def _merged_model(reference, spec: LoraSpec, tensors: dict[str, np.ndarray]):
+    """A copy of the base model with W + scale·B·A folded into every adapted linear."""
+    merged = copy.deepcopy(reference)
+    if merged.lm_head.weight is merged.model.embed_tokens.weight:  # tied: merge into lm_head only
+        merged.lm_head.weight = torch.nn.Parameter(merged.lm_head.weight.clone())
+    scale = spec.alpha / spec.rank
+    for name, a in tensors.items():
+        if name.endswith("lora_A.weight"):
+            path = name[len(PEFT_PREFIX):-len(".lora_A.weight")]
+            b = tensors[name.replace("lora_A", "lora_B")]
+            merged.get_submodule(path).weight += scale * torch.from_numpy(b) @ torch.from_numpy(a)
+    return merged
+
+
+# -- greedy and numerics ----------------------------------------------------------------
+
+
+def test_greedy_matches_a_plain_full_forward_loop(backend, reference):
+    prompts = [_prompt(backend, "the quick brown fox"), _prompt(backend, "hello world banana apple string")]
+    results = backend.generate([_request(p, max_tokens=12) for p in prompts])
+    for prompt, result in zip(prompts, results):
+        (seq,) = result.sequences
+        assert seq.tokens.dtype == np.int32 and seq.logprobs.dtype == np.float32
+        assert seq.tokens.tolist() == _reference_greedy(reference, prompt, 12)
+        assert seq.stop_reason == "length"
+        np.testing.assert_allclose(seq.logprobs, _continuation_logprobs(reference, prompt, seq.tokens), atol=TOL)
+
+
+def test_sampled_and_prompt_logprobs_are_the_raw_models(backend, reference):
+    """Logprobs are log_softmax of the unscaled logits, whatever temperature/top-k/top-p chose."""
+    prompt = _prompt(backend, "question answer user assistant")
+    req = _request(prompt, num_samples=3, max_tokens=10, temperature=0.7, top_k=50, top_p=0.9, seed=3)
+    req.prompt_logprobs = True
+    (result,) = backend.generate([req])
+    full = _full_logprobs(reference, prompt)
+    expected_prompt = full[torch.arange(len(prompt) - 1), torch.as_tensor(prompt[1:])].numpy()
+    assert result.prompt_logprobs.dtype == np.float32 and result.prompt_logprobs.shape == (len(prompt),)
+    assert np.isnan(result.prompt_logprobs[0])
+    np.testing.assert_allclose(result.prompt_logprobs[1:], expected_prompt, atol=TOL)
+    assert len(result.sequences) == 3
+    for seq in result.sequences:
+        assert len(seq.tokens) == 10
+        np.testing.assert_allclose(seq.logprobs, _continuation_logprobs(reference, prompt, seq.tokens), atol=TOL)
+
+
+def test_topk_prompt_logprobs_have_a_sentinel_first_row(backend, reference):
+    prompt = _prompt(backend, "one two three four five")
+    req = _request(prompt, max_tokens=1)
+    req.topk_prompt_logprobs = 4
+    (result,) = backend.generate([req])
+    ids, values = result.topk_prompt_token_ids, result.topk_prompt_logprobs
+    assert result.prompt_logprobs is None
+    assert ids.dtype == np.int32 and values.dtype == np.float32
+    assert ids.shape == values.shape == (len(prompt), 4)
+    assert (ids[0] == 0).all() and (values[0] == TOPK_SENTINEL_LOGPROB).all()
+    top = _full_logprobs(reference, prompt)[:-1].topk(4, dim=-1)
+    np.testing.assert_array_equal(ids[1:], top.indices.numpy())
+    np.testing.assert_allclose(values[1:], top.values.numpy(), atol=TOL)
+
+
+def test_batched_mixed_lengths_and_adapters_equal_each_run_alone(backend):
+    backend.load_adapter("a", SPEC, _random_adapter(backend, SPEC, seed=1))
+    backend.load_adapter("b", SPEC, _random_adapter(backend, SPEC, seed=2))
+    requests = [
+        _request(_prompt(backend, "the quick brown fox jumps"), None, num_samples=4, max_tokens=9),
+        _request(_prompt(backend, "seven"), "a", num_samples=1, max_tokens=14),
+        _request(_prompt(backend, "pig latin by moving the first consonant cluster"), "b", num_samples=2,
+                 max_tokens=5),
+        _request(_prompt(backend, "hello"), "a", num_samples=1, max_tokens=11),
+    ]
+    for r in requests:
+        r.prompt_logprobs = True
+    alone = [backend.generate([r])[0] for r in requests]
+    # a batch of 3 rows splits request 0's 4 samples over two admissions, and makes later
+    # requests join while earlier ones run
+    backend.max_batch_sequences = 3
+    together = backend.generate(requests)
+    for solo, batched in zip(alone, together):
+        np.testing.assert_allclose(batched.prompt_logprobs, solo.prompt_logprobs, atol=TOL)
+        for s, b in zip(solo.sequences, batched.sequences, strict=True):
+            assert b.tokens.tolist() == s.tokens.tolist()
+            np.testing.assert_allclose(b.logprobs, s.logprobs, atol=TOL)
+    (on_base,) = backend.generate([_request(requests[1].prompt_tokens, None, max_tokens=14)])
+    assert on_base.sequences[0].tokens.tolist() != together[1].sequences[0].tokens.tolist()  # adapters matter
+
+
+# -- seeds ------------------------------------------------------------------------------
+
+
+def test_seed_makes_samples_reproducible(backend):
+    prompt = _prompt(backend, "banana apple")
+
+    def tokens(seed, company=0):
+        others = [_request(_prompt(backend, "noise"), max_tokens=7, temperature=1.0) for _ in range(company)]
+        results = backend.generate([_request(prompt, num_samples=3, max_tokens=16, temperature=1.0, seed=seed),
+                                    *others])
+        return [s.tokens.tolist() for s in results[0].sequences]
+
+    first = tokens(42)
+    assert tokens(42, company=2) == first  # the batch around it does not matter
+    assert len({tuple(t) for t in first}) == 3  # each sample has its own stream
+    assert tokens(43) != first
+    assert tokens(None) != tokens(None)
+
+
+# -- stopping ---------------------------------------------------------------------------
+
+
+def test_max_tokens_stop_tokens_and_stop_strings(backend):
+    prompt = _prompt(backend, "the lazy dog while")
+    (free,) = backend.generate([_request(prompt, max_tokens=12)])
+    tokens = free.sequences[0].tokens.tolist()
+
+    stop_token = tokens[4]
+    first = tokens.index(stop_token)
+    (by_token,) = backend.generate([_request(prompt, max_tokens=12, stop_token_ids=[stop_token])])
+    assert by_token.sequences[0].tokens.tolist() == tokens[:first + 1]
+    assert by_token.sequences[0].stop_reason == "stop"
+
+    text = backend.tokenizer.decode(tokens, skip_special_tokens=False)
+    stop_string = backend.tokenizer.decode(tokens[5:7], skip_special_tokens=False)[:3]
+    completes_at = next(i for i in range(len(tokens))
+                        if stop_string in backend.tokenizer.decode(tokens[:i + 1], skip_special_tokens=False))
+    assert stop_string in text
+    (by_string,) = backend.generate([_request(prompt, max_tokens=12, stop_strings=["zzzz-never", stop_string])])
+    assert by_string.sequences[0].tokens.tolist() == tokens[:completes_at + 1]
+    assert by_string.sequences[0].stop_reason == "stop"
+
+    (short,) = backend.generate([_request(prompt, max_tokens=3)])
+    assert short.sequences[0].tokens.tolist() == tokens[:3] and short.sequences[0].stop_reason == "length"
+
+
+@torch.no_grad()
+def test_eos_stops_unless_stop_at_eos_is_off(backend, reference):
+    """An unembedding-only adapter that pushes EOS to the top right after this prompt."""
+    prompt = _prompt(backend, "thank you")
+    (eos,) = backend.eos_token_ids
+    captured = {}
+    hook = reference.lm_head.register_forward_hook(lambda m, args, out: captured.update(x=args[0][0, -1]))
+    reference(input_ids=torch.as_tensor(prompt).unsqueeze(0))
+    hook.remove()
+    spec = LoraSpec(rank=1, alpha=1.0, train_attn=False, train_mlp=False, train_unembed=True)
+    a = (captured["x"] / captured["x"].norm()).unsqueeze(0)
+    b = torch.zeros(backend.vocab_size, 1)
+    b[eos] = 100.0
+    backend.load_adapter("eos", spec, {f"{PEFT_PREFIX}lm_head.lora_A.weight": a.numpy(),
+                                       f"{PEFT_PREFIX}lm_head.lora_B.weight": b.numpy()})
+
+    (stops,) = backend.generate([_request(prompt, "eos", max_tokens=5, stop_at_eos=True)])
+    assert stops.sequences[0].tokens.tolist() == [eos] and stops.sequences[0].stop_reason == "stop"
+    (runs,) = backend.generate([_request(prompt, "eos", max_tokens=5, stop_at_eos=False)])
+    assert runs.sequences[0].tokens.tolist()[0] == eos
+    assert len(runs.sequences[0].tokens) == 5 and runs.sequences[0].stop_reason == "length"
+
+
+# -- adapters ---------------------------------------------------------------------------
+
+
+def test_adapter_output_matches_weights_merged_into_the_base(backend, reference, tmp_path):
+    spec = LoraSpec(rank=8, alpha=16.0)
+    tensors = _random_adapter(backend, spec, seed=11)
+    merged = _merged_model(reference, spec, tensors)
+    prompt = _prompt(backend, "weights adapter gradient")
+    expected = _reference_greedy(merged, prompt, 10)
+    assert expected != _reference_greedy(reference, prompt, 10), "the adapter should change the output"
+
+    backend.load_adapter("pushed", spec, tensors)
+    save_peft_adapter(tmp_path, {k: torch.from_numpy(v) for k, v in tensors.items()}, spec,
+                      backend.slots.target_module_names(spec), "tiny")
+    backend.load_adapter_from_disk("from-disk", str(tmp_path))
+    for adapter_id in ("pushed", "from-disk"):
+        (result,) = backend.generate([_request(prompt, adapter_id, max_tokens=10)])
+        assert result.sequences[0].tokens.tolist() == expected
+        np.testing.assert_allclose(result.sequences[0].logprobs,
+                                   _continuation_logprobs(merged, prompt, expected), atol=TOL)
+
+
+def test_least_recently_used_idle_adapter_is_evicted(backend):
+    prompt = _prompt(backend, "yes no maybe")
+    backend.load_adapter("a", SPEC, _random_adapter(backend, SPEC, seed=1))
+    backend.load_adapter("b", SPEC, _random_adapter(backend, SPEC, seed=2))
+    backend.generate([_request(prompt, "a", max_tokens=2)])  # b is now the least recently used
+    backend.load_adapter("c", SPEC, _random_adapter(backend, SPEC, seed=3))
+    assert backend.loaded_adapters() == ["a", "c"]
+    with pytest.raises(UnknownAdapterError, match="'b' is not loaded"):
+        backend.submit(_request(prompt, "b"))
+
+
+def test_adapters_in_use_are_never_evicted(backend):
+    prompt = _prompt(backend, "yes no maybe")
+    backend.load_adapter("a", SPEC, _random_adapter(backend, SPEC, seed=1))
+    backend.load_adapter("b", SPEC, _random_adapter(backend, SPEC, seed=2))
+    for adapter_id in ("a", "b"):
+        backend.submit(_request(prompt, adapter_id, max_tokens=4))
+    backend.step()
+    with pytest.raises(AdapterSlotsBusy):
+        backend.load_adapter("c", SPEC, _random_adapter(backend, SPEC, seed=3))
+    # unloading an adapter in use hides it at once but lets its requests finish
+    backend.unload_adapter("a")
+    with pytest.raises(UnknownAdapterError):
+        backend.submit(_request(prompt, "a"))
+    done = []
+    while backend.has_work():
+        done += backend.step()
+    assert len(done) == 2 and all(len(r.sequences[0].tokens) == 4 for _, r in done)
+    backend.load_adapter("c", SPEC, _random_adapter(backend, SPEC, seed=3))
+    assert backend.loaded_adapters() == ["b", "c"]
+
+
+def test_bad_adapters_are_rejected_without_side_effects(backend):
+    backend.load_adapter("a", SPEC, _random_adapter(backend, SPEC, seed=1))
+    good = _random_adapter(backend, SPEC, seed=2)
+    missing = dict(list(good.items())[1:])
+    wrong_shape = {**good, next(iter(good)): np.zeros((3, 3), np.float32)}
+    for tensors, message in ((missing, "missing"), (wrong_shape, "shape")):
+        with pytest.raises(ValueError, match=message):
+            backend.load_adapter("x", SPEC, tensors)
+    with pytest.raises(ValueError, match="power of 2"):
+        backend.load_adapter("x", LoraSpec(rank=3), good)
+    with pytest.raises(ValueError, match="no PEFT adapter"):
+        backend.load_adapter_from_disk("x", "/nonexistent/adapter")
+    assert backend.loaded_adapters() == ["a"]
+
+
+def test_invalid_requests_are_value_errors(backend):
+    prompt = _prompt(backend, "hello")
+    bad = [
+        (_request(np.array([], dtype=np.int64)), "non-empty"),
+        (_request([1, 100_000]), "outside"),
+        (_request(prompt, num_samples=0), "num_samples"),
+        (_request(prompt, max_tokens=0), "max_tokens"),
+        (_request(prompt, max_tokens=5000), "context window"),
+        (_request(prompt, temperature=-1.0), "temperature"),
+        (_request(prompt, top_p=0.0), "top_p"),
+    ]
+    for req, message in bad:
+        with pytest.raises(ValueError, match=message):
+            backend.submit(req)
+    assert not backend.has_work()

@@ -249,6 +249,31 @@ class SaveWeightsForSamplerReq(Message):
 
 
 @message
+class SaveWeightsReq(Message):
+    """`save_state`: weights and optimizer state -> tinker://<model>/weights/<name>."""
+
+    model_id: str
+    seq_id: int
+    name: str
+    overwrite: bool = False
+    ttl_seconds: int | None = None
+
+
+@message
+class LoadWeightsReq(Message):
+    """Load a `weights` checkpoint: into an existing model (legacy `load_state`, sequenced
+    by model_id + seq_id) or as a new model (`create_training_client_from_state`, by
+    session_id + model_seq_id, the new model's implicit seq 0)."""
+
+    path: str
+    with_optimizer: bool = False
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+
+
+@message
 class CreateSamplingSessionReq(Message):
     session_id: str
     sampling_session_seq_id: int

@@ -30,8 +30,8 @@ from cluster.config import ClusterConfig
 from cluster.messages import (
     ClusterStatusReq, ClusterStatusResp, CreateModelReq, CreateSamplingSessionReq, CreateSamplingSessionResp,
     CreateSessionReq, CreateSessionResp, ErrorResp, FinishSessionReq, FinishSessionResp, ForwardBackwardReq,
-    GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, OptimStepReq, RetrieveFutureReq, SampleReq,
-    SaveWeightsForSamplerReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent,
+    GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, LoadWeightsReq, OptimStepReq, RetrieveFutureReq,
+    SampleReq, SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import AsyncPeer
@@ -140,6 +140,8 @@ class Controller:
 
     def handle_GetInfoReq(self, req: GetInfoReq) -> GetInfoResp:
         run = self.training.run_for(req.model_id)
+        if run.lora is None:  # created from a checkpoint that is still loading; 409 makes the SDK retry
+            raise ApiError(409, f"model {req.model_id!r} is still loading its checkpoint")
         model = self.config.model
         return GetInfoResp(model_id=run.model_id, model_name=model.name, tokenizer_id=model.tokenizer_dir,
                            arch=model.arch, lora_rank=run.lora.rank)
@@ -152,6 +154,19 @@ class Controller:
 
     def handle_SaveWeightsForSamplerReq(self, req: SaveWeightsForSamplerReq):
         return self.training.submit(req)
+
+    def handle_SaveWeightsReq(self, req: SaveWeightsReq):
+        return self.training.submit(req)
+
+    def handle_LoadWeightsReq(self, req: LoadWeightsReq):
+        if req.model_id is not None:  # legacy load_state into an existing model
+            if req.seq_id is None:
+                raise ApiError(400, "load_weights with a model_id needs a seq_id")
+            return self.training.submit(req)
+        if req.session_id is None or req.model_seq_id is None:
+            raise ApiError(400, "load_weights needs either model_id + seq_id or session_id + model_seq_id")
+        self._session(req.session_id)
+        return self.training.create_from_state(req)
 
     # -- sampling -----------------------------------------------------------------------
 

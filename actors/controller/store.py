@@ -66,6 +66,9 @@ class StateStore:
             "INSERT OR REPLACE INTO training_runs VALUES (?,?,?,?,?,?,?)",
             (model_id, session_id, base_model, json.dumps(lora), json.dumps(user_metadata), now, now))
 
+    def set_training_run_lora(self, model_id: str, lora: dict) -> None:
+        self.db.execute("UPDATE training_runs SET lora=? WHERE model_id=?", (json.dumps(lora), model_id))
+
     def touch_training_run(self, model_id: str) -> None:
         self.db.execute("UPDATE training_runs SET last_request=? WHERE model_id=?", (time.time(), model_id))
 

@@ -26,9 +26,10 @@ from actors.controller.store import StateStore
 from actors.controller.workers import WorkerFailure, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, OptimStepReq,
-    SaveWeightsForSamplerReq, SubmitResp, TrainerCreateAdapterReq, TrainerDropAdapterReq,
-    TrainerForwardBackwardReq, TrainerOptimStepReq, TrainerPushAdapterReq,
+    CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, LoadWeightsReq, OptimStepReq,
+    SaveWeightsForSamplerReq, SaveWeightsReq, SubmitResp, TrainerCreateAdapterReq, TrainerDropAdapterReq,
+    TrainerForwardBackwardReq, TrainerLoadStateReq, TrainerOptimStepReq, TrainerPushAdapterReq,
+    TrainerSaveStateReq,
 )
 from cluster.transport import RemoteError
 
@@ -106,18 +107,33 @@ class TrainingService:
             return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
         self._check_base_model(req.base_model)
         self._check_lora(req.lora)
+        spec = replace(req.lora, seed=req.lora.seed if req.lora.seed is not None else random.randrange(2**31))
+        run = self._new_run(model_id, req.session_id, spec, req.user_metadata)
+        self._queue.put_nowait(_Op(run, run.create_request_id, replace(req, lora=spec)))
+        return SubmitResp(request_id=run.create_request_id, model_id=model_id)
+
+    def create_from_state(self, req: LoadWeightsReq) -> SubmitResp:
+        """`create_training_client_from_state`: the load is the new model's seq 0."""
+        model_id = f"{req.session_id}:train:{req.model_seq_id}"
+        if model_id in self.runs:
+            return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
+        self._loadable_checkpoint(req)
+        run = self._new_run(model_id, req.session_id, None, {})
+        self._queue.put_nowait(_Op(run, run.create_request_id, req))
+        return SubmitResp(request_id=run.create_request_id, model_id=model_id)
+
+    def _new_run(self, model_id: str, session_id: str, spec, user_metadata: dict) -> TrainingRun:
         if not self.free_slots:
             raise ApiError(503, f"all {self.config.trainer.max_adapters} adapter slots are in use; "
                                 "finish a session or start tinkerd with a larger --max-adapters")
-        spec = replace(req.lora, seed=req.lora.seed if req.lora.seed is not None else random.randrange(2**31))
         request_id = self.futures.create("create_model")
-        run = TrainingRun(model_id, req.session_id, self.config.model.name, spec, self.free_slots.pop(), request_id)
+        run = TrainingRun(model_id, session_id, self.config.model.name, spec, self.free_slots.pop(), request_id)
         self.runs[model_id] = run
-        self.store.add_training_run(model_id, req.session_id, run.base_model, vars(spec), req.user_metadata)
-        self._queue.put_nowait(_Op(run, request_id, replace(req, lora=spec)))
-        return SubmitResp(request_id=request_id, model_id=model_id)
+        self.store.add_training_run(model_id, session_id, run.base_model, vars(spec) if spec else {}, user_metadata)
+        return run
 
-    def submit(self, req: ForwardBackwardReq | OptimStepReq | SaveWeightsForSamplerReq) -> SubmitResp:
+    def submit(self, req: ForwardBackwardReq | OptimStepReq | SaveWeightsForSamplerReq | SaveWeightsReq
+               | LoadWeightsReq) -> SubmitResp:
         run = self.run_for(req.model_id)
         existing = run.ledger.known_request(req.seq_id)
         if existing is not None:
@@ -126,6 +142,11 @@ class TrainingService:
             raise ApiError(400, f"seq_id must be >= 1 (0 is the model's creation), got {req.seq_id}")
         if isinstance(req, SaveWeightsForSamplerReq):
             self._check_save(run, req)
+        elif isinstance(req, SaveWeightsReq):
+            self._check_name(req.name)
+            self._check_not_saved(self._weights_path(run, req.name), req.overwrite)
+        elif isinstance(req, LoadWeightsReq):
+            self._loadable_checkpoint(req)
         request_id = self.futures.create(type(req).__name__)
         for op in run.ledger.submit(req.seq_id, request_id, _Op(run, request_id, req)):
             self._queue.put_nowait(op)
@@ -158,14 +179,38 @@ class TrainingService:
         if req.name is None and req.sampling_session_seq_id is None:
             raise ApiError(400, "save_weights_for_sampler needs a path (name) or a sampling_session_seq_id")
         if req.name is not None:
-            if not _CHECKPOINT_NAME.match(req.name):
-                raise ApiError(400, f"checkpoint name {req.name!r} must match {_CHECKPOINT_NAME.pattern}")
-            if self.store.checkpoint(self._sampler_path(run, req.name)):
-                raise ApiError(400, f"checkpoint {self._sampler_path(run, req.name)} already exists")
+            self._check_name(req.name)
+            self._check_not_saved(self._sampler_path(run, req.name), overwrite=False)
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if not _CHECKPOINT_NAME.match(name):
+            raise ApiError(400, f"checkpoint name {name!r} must match {_CHECKPOINT_NAME.pattern}")
+
+    def _check_not_saved(self, tinker_path: str, overwrite: bool) -> None:
+        # 400 rather than Tinker's 409: the SDK retries a 409 for minutes before showing it
+        if not overwrite and self.store.checkpoint(tinker_path):
+            raise ApiError(400, f"checkpoint {tinker_path} already exists (pass overwrite=True to replace it)")
+
+    def _loadable_checkpoint(self, req: LoadWeightsReq) -> dict:
+        checkpoint = self.store.checkpoint(req.path)
+        if checkpoint is None:
+            raise ApiError(404, f"no checkpoint at {req.path!r}")
+        if req.with_optimizer and checkpoint["kind"] != "weights":
+            raise ApiError(400, f"{req.path} is a {checkpoint['kind']} checkpoint without optimizer state; "
+                                "load it without the optimizer, or save one with save_state")
+        return checkpoint
 
     @staticmethod
     def _sampler_path(run: TrainingRun, name: str) -> str:
         return f"tinker://{run.model_id}/sampler_weights/{name}"
+
+    @staticmethod
+    def _weights_path(run: TrainingRun, name: str) -> str:
+        return f"tinker://{run.model_id}/weights/{name}"
+
+    def _checkpoint_dir(self, run: TrainingRun, kind: str, name: str) -> str:
+        return str(self.config.checkpoint_dir / run.model_id / kind / name)
 
     # -- execution ----------------------------------------------------------------------
 
@@ -176,14 +221,21 @@ class TrainingService:
             try:
                 result = await handler(op.run, op.req)
             except (ApiError, RemoteError) as exc:
-                self.futures.fail(op.request_id, exc.detail, category_for(exc.status))
+                self._failed(op, exc.detail, category_for(exc.status))
             except WorkerFailure as exc:
-                self.futures.fail(op.request_id, str(exc), "server")
+                self._failed(op, str(exc), "server")
             except Exception as exc:
                 log.exception("%s failed", type(op.req).__name__)
-                self.futures.fail(op.request_id, f"internal error: {exc}", "server")
+                self._failed(op, f"internal error: {exc}", "server")
             else:
                 self.futures.resolve(op.request_id, result)
+
+    def _failed(self, op: _Op, error: str, category: str) -> None:
+        self.futures.fail(op.request_id, error, category)
+        if op.request_id == op.run.create_request_id and self.runs.get(op.run.model_id) is op.run:
+            # a model that never came to be: forget it and give its slot back
+            del self.runs[op.run.model_id]
+            self.free_slots.append(op.run.slot)
 
     async def execute_CreateModelReq(self, run: TrainingRun, req: CreateModelReq) -> JsonResult:
         await self.workers.trainer_broadcast(lambda: TrainerCreateAdapterReq(slot=run.slot, lora=run.lora))
@@ -212,7 +264,7 @@ class TrainingService:
         save_dir = None
         if req.name is not None:
             adapter_id = self._sampler_path(run, req.name)
-            save_dir = str(self.config.checkpoint_dir / run.model_id / "sampler_weights" / req.name)
+            save_dir = self._checkpoint_dir(run, "sampler_weights", req.name)
         else:  # an ephemeral snapshot: a new immutable adapter, never written to disk
             adapter_id = f"{run.model_id}@{req.seq_id}"
         addresses = self.workers.engine_weights_addresses
@@ -226,6 +278,24 @@ class TrainingService:
         sampling_session_id = self.sampling.add_session(
             run.session_id, req.sampling_session_seq_id, run.base_model, adapter_id, model_path=None)
         return JsonResult(payload={"path": None, "sampling_session_id": sampling_session_id})
+
+    async def execute_SaveWeightsReq(self, run: TrainingRun, req: SaveWeightsReq) -> JsonResult:
+        path = self._weights_path(run, req.name)
+        self._check_not_saved(path, req.overwrite)  # again: an earlier queued save may have taken it
+        directory = self._checkpoint_dir(run, "weights", req.name)
+        replies = await self.workers.trainer_broadcast(
+            lambda: TrainerSaveStateReq(slot=run.slot, directory=directory, with_optimizer=True))
+        self.store.add_checkpoint(path, run.model_id, "weights", req.name, directory, replies[0].size_bytes)
+        return JsonResult(payload={"path": path})
+
+    async def execute_LoadWeightsReq(self, run: TrainingRun, req: LoadWeightsReq) -> JsonResult:
+        checkpoint = self._loadable_checkpoint(req)
+        seed = run.lora.seed if run.lora is not None else None
+        replies = await self.workers.trainer_broadcast(lambda: TrainerLoadStateReq(
+            slot=run.slot, directory=checkpoint["directory"], with_optimizer=req.with_optimizer, seed=seed))
+        run.lora = replies[0].lora
+        self.store.set_training_run_lora(run.model_id, vars(run.lora))
+        return JsonResult(payload={"path": req.path, "model_id": run.model_id})
 
     async def execute_DropRunOp(self, run: TrainingRun, req: DropRunOp) -> None:
         try:

@@ -5,13 +5,23 @@ deterministically: the same files, byte for byte, on every machine. It is the de
 model of launch/cluster.py and of the tests. Real models load through the very same
 `load_causal_lm` path (a hub id or a local directory).
 
-Run: python -m actors.builtin_model DIR   (prints the model's summary as JSON)
+Run: python -m actors.builtin_model DIR [--hf-home HF_HOME]   (prints the model's summary as JSON)
+
+`--hf-home` also installs the model into a Hugging Face cache under HF_HOME, as
+`hub/models--tinkerd--tiny-qwen3`, so that clients find it by its served name offline
+(`AutoTokenizer.from_pretrained("tinkerd/tiny-qwen3")` with `HF_HOME=HF_HOME
+HF_HUB_OFFLINE=1`): the SDK's `SamplingClient.get_tokenizer()` and tinker-cookbook's
+`get_tokenizer()`, which look a tokenizer up by the base model's name.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 BUILTIN_MODEL_NAME = "tinkerd/tiny-qwen3"
@@ -122,10 +132,61 @@ def build_builtin_model(directory: str | Path) -> dict:
     return {**summary, "path": str(directory)}
 
 
+def hf_cache_repo_dir(hf_home: str | Path, name: str = BUILTIN_MODEL_NAME) -> Path:
+    """Where the Hugging Face cache under `hf_home` keeps the model repo `name` (`org/model`)."""
+    return Path(hf_home).expanduser() / "hub" / ("models--" + name.replace("/", "--"))
+
+
+def install_into_hf_cache(model_dir: str | Path, hf_home: str | Path, name: str = BUILTIN_MODEL_NAME) -> Path:
+    """Make `model_dir` loadable offline as the hub repo `name` from the HF cache under `hf_home`.
+
+    Writes the cache layout huggingface_hub reads with HF_HUB_OFFLINE=1:
+    `HF_HOME/hub/models--ORG--MODEL/refs/main` holding a revision, and
+    `snapshots/<revision>/` holding the files (tokenizer files, config.json, weights;
+    transformers wants config.json even to load a tokenizer by name). The revision is a
+    hash of the files, so installing the same model again changes nothing, and a changed
+    model gets a new snapshot that refs/main then points at. Returns the snapshot dir.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir()
+                   if p.is_file() and p.name != "tinkerd_builtin.json" and not p.name.startswith("."))
+    if not any(p.name == "config.json" for p in files) or not any(p.name.startswith("tokenizer") for p in files):
+        raise FileNotFoundError(f"{model_dir} has no config.json or tokenizer files")
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    revision = digest.hexdigest()
+    repo = hf_cache_repo_dir(hf_home, name)
+    snapshot = repo / "snapshots" / revision
+    if not snapshot.is_dir():
+        (repo / "snapshots").mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{revision}.", dir=repo / "snapshots"))
+        try:
+            for path in files:
+                shutil.copyfile(path, staging / path.name)
+            staging.rename(snapshot)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not snapshot.is_dir():  # not merely another process having won the race
+                raise
+    refs = repo / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    tmp_ref = refs / f".main.{os.getpid()}"
+    tmp_ref.write_text(revision)
+    tmp_ref.replace(refs / "main")
+    return snapshot
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory")
-    print(json.dumps(build_builtin_model(parser.parse_args().directory)))
+    parser.add_argument("--hf-home", help="also install the model into the Hugging Face cache under this HF_HOME")
+    args = parser.parse_args()
+    info = build_builtin_model(args.directory)
+    if args.hf_home:
+        install_into_hf_cache(info["path"], args.hf_home, info["name"])
+        info["hf_home"] = str(Path(args.hf_home).expanduser().resolve())
+    print(json.dumps(info))
 
 
 if __name__ == "__main__":

@@ -274,6 +274,25 @@ class LoadWeightsReq(Message):
 
 
 @message
+class SkipSeqReq(Message):
+    """A sequenced training request (model_id + seq_id) that the API refused with a 4xx.
+
+    The SDK never resends a seq_id whose submission failed: its next request carries
+    seq_id + 1. So the controller must count this seq_id as done (a no-op), or the
+    model's ledger would hold every later request back waiting for it.
+    """
+
+    model_id: str
+    seq_id: int
+    detail: str = ""  # why the API refused it, for the log
+
+
+@message
+class SkipSeqResp(Message):
+    pass
+
+
+@message
 class CreateSamplingSessionReq(Message):
     session_id: str
     sampling_session_seq_id: int

@@ -72,7 +72,12 @@ def resolve_model(args: argparse.Namespace) -> ModelConfig:
     if args.model is None:
         directory = args.state_dir / "models" / "tiny-qwen3"
         print(f"tinkerd: preparing the built-in model in {directory} ...", flush=True)
-        info = json.loads(_python_module("actors.builtin_model", str(directory)))
+        # also installed into an HF cache, so clients that look the tokenizer up by name
+        # (SamplingClient.get_tokenizer, tinker-cookbook) find it offline
+        info = json.loads(_python_module("actors.builtin_model", str(directory),
+                                         "--hf-home", str(args.state_dir / "hf_home")))
+        print(f"tinkerd: clients find {info['name']} offline with HF_HOME={info['hf_home']} HF_HUB_OFFLINE=1",
+              flush=True)
         return ModelConfig(path=info["path"], name=info["name"], tokenizer_dir=info["path"], arch=info["arch"],
                            vocab_size=info["vocab_size"], max_context=4096)
     info = json.loads(_python_module("actors.model_loading", args.model))

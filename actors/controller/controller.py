@@ -31,7 +31,7 @@ from cluster.messages import (
     ClusterStatusReq, ClusterStatusResp, CreateModelReq, CreateSamplingSessionReq, CreateSamplingSessionResp,
     CreateSessionReq, CreateSessionResp, ErrorResp, FinishSessionReq, FinishSessionResp, ForwardBackwardReq,
     GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, LoadWeightsReq, OptimStepReq, RetrieveFutureReq,
-    SampleReq, SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent,
+    SampleReq, SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq, SkipSeqReq, SkipSeqResp, SessionHeartbeatResp, ShutdownEvent,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import AsyncPeer
@@ -157,6 +157,10 @@ class Controller:
 
     def handle_SaveWeightsReq(self, req: SaveWeightsReq):
         return self.training.submit(req)
+
+    def handle_SkipSeqReq(self, req: SkipSeqReq) -> SkipSeqResp:
+        self.training.skip(req.model_id, req.seq_id)
+        return SkipSeqResp()
 
     def handle_LoadWeightsReq(self, req: LoadWeightsReq):
         if req.model_id is not None:  # legacy load_state into an existing model

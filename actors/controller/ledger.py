@@ -31,9 +31,17 @@ class SeqLedger:
         self._waiting[seq_id] = op
         released = []
         while self.next_seq in self._waiting:
-            released.append(self._waiting.pop(self.next_seq))
+            op = self._waiting.pop(self.next_seq)
+            if op is not None:  # None marks a refused request: its seq_id is spent, nothing runs
+                released.append(op)
             self.next_seq += 1
         return released
+
+    def skip(self, seq_id: int) -> list[Any]:
+        """Count a refused seq_id as done (the SDK never resends it); return ops now ready."""
+        if self.known_request(seq_id) is not None or seq_id < self.next_seq:
+            return []
+        return self.submit(seq_id, "", None)
 
     def drain(self) -> list[Any]:
         """Take every op still waiting for a gap (the run is going away)."""

@@ -124,7 +124,8 @@ class TrainingService:
 
     def _new_run(self, model_id: str, session_id: str, spec, user_metadata: dict) -> TrainingRun:
         if not self.free_slots:
-            raise ApiError(503, f"all {self.config.trainer.max_adapters} adapter slots are in use; "
+            # 400, not 503: the SDK retries a 503 silently for minutes, which looks like a hang
+            raise ApiError(400, f"all {self.config.trainer.max_adapters} adapter slots are in use; "
                                 "finish a session or start tinkerd with a larger --max-adapters")
         request_id = self.futures.create("create_model")
         run = TrainingRun(model_id, session_id, self.config.model.name, spec, self.free_slots.pop(), request_id)
@@ -140,6 +141,18 @@ class TrainingService:
             return SubmitResp(request_id=existing, model_id=run.model_id)
         if req.seq_id < 1:
             raise ApiError(400, f"seq_id must be >= 1 (0 is the model's creation), got {req.seq_id}")
+        try:
+            self._check_request(run, req)
+        except ApiError:
+            self.skip(run.model_id, req.seq_id)
+            raise
+        request_id = self.futures.create(type(req).__name__)
+        for op in run.ledger.submit(req.seq_id, request_id, _Op(run, request_id, req)):
+            self._queue.put_nowait(op)
+        self.store.touch_training_run(run.model_id)
+        return SubmitResp(request_id=request_id, model_id=run.model_id)
+
+    def _check_request(self, run: TrainingRun, req) -> None:
         if isinstance(req, SaveWeightsForSamplerReq):
             self._check_save(run, req)
         elif isinstance(req, SaveWeightsReq):
@@ -147,11 +160,12 @@ class TrainingService:
             self._check_not_saved(self._weights_path(run, req.name), req.overwrite)
         elif isinstance(req, LoadWeightsReq):
             self._loadable_checkpoint(req)
-        request_id = self.futures.create(type(req).__name__)
-        for op in run.ledger.submit(req.seq_id, request_id, _Op(run, request_id, req)):
+
+    def skip(self, model_id: str, seq_id: int) -> None:
+        """A refused submission still spent its seq_id: let the requests after it run."""
+        run = self.run_for(model_id)
+        for op in run.ledger.skip(seq_id):
             self._queue.put_nowait(op)
-        self.store.touch_training_run(run.model_id)
-        return SubmitResp(request_id=request_id, model_id=run.model_id)
 
     def release_session(self, session_id: str) -> None:
         for run in [r for r in self.runs.values() if r.session_id == session_id]:

@@ -93,7 +93,8 @@ def models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory, models_dir) -> RunningCluster:
-    with launch_cluster(tmp_path_factory.mktemp("state"), models_dir) as running:
+    # one long-lived session makes many training clients: give it room
+    with launch_cluster(tmp_path_factory.mktemp("state"), models_dir, "--max-adapters", "24") as running:
         yield running
 
 

@@ -44,3 +44,13 @@ def test_drain_returns_the_ops_stuck_behind_a_gap():
     ledger.submit(4, "r4", "d")
     assert sorted(ledger.drain()) == ["b", "d"]
     assert ledger.gaps == []
+
+
+def test_a_refused_seq_id_is_skipped_and_releases_what_waited_behind_it():
+    # the SDK spends a seq_id even when its submission is refused, and never resends it
+    ledger = SeqLedger()
+    ledger.submit(1, "r1", "a")
+    assert ledger.submit(3, "r3", "c") == []
+    assert ledger.skip(2) == ["c"]
+    assert ledger.next_seq == 4
+    assert ledger.skip(3) == [] and ledger.skip(1) == []  # already used: nothing changes

@@ -1,0 +1,262 @@
+"""The HTTP front-end over a real controller in this process.
+
+The controller answers the API but its executor is not started and no workers are
+attached, so nothing runs: submissions stay pending, and tests settle futures in the
+controller's own FutureStore, exactly as its executors would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiohttp
+import numpy as np
+import pytest
+import zmq.asyncio
+import zstandard
+from tinker import types
+from tinker.proto.request_conv import forward_backward_request_to_proto
+from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+
+import api.server
+from actors.controller.controller import Controller
+from api.server import connect_controller, start_http
+from cluster.config import ApiConfig, ClusterConfig, ControllerConfig, ModelConfig
+from cluster.messages import ForwardBackwardResult, SampledSequence, SampleResult
+
+KEY = {"X-API-Key": "tml-unit"}
+
+
+def make_config(tmp_path, **api) -> ClusterConfig:
+    return ClusterConfig(
+        state_dir=str(tmp_path),
+        model=ModelConfig(name="test/model", tokenizer_dir="/models/tok", arch="qwen3", max_context=64,
+                          vocab_size=100),
+        api=ApiConfig(port=0, long_poll_s=0.2, **api),
+        controller=ControllerConfig(api_address=f"ipc://{tmp_path}/api.sock",
+                                    worker_address=f"ipc://{tmp_path}/workers.sock"))
+
+
+@contextlib.asynccontextmanager
+async def api_stack(config: ClusterConfig, with_controller: bool = True):
+    """(http client, controller): the API process's server and, unless told not to, a controller."""
+    controller = Controller(config) if with_controller else None
+    if controller:
+        controller.api.start(controller._on_api_message)  # answers requests; executes nothing
+    ctx = zmq.asyncio.Context()
+    peer = connect_controller(ctx, config)
+    runner = await start_http(config, peer)
+    host, port = runner.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession(f"http://{host}:{port}") as http:
+            yield http, controller
+    finally:
+        await runner.cleanup()
+        peer.close()
+        ctx.term()
+        if controller:
+            controller.api.close()
+            controller.workers.peer.close()
+            controller.store.close()
+            controller.ctx.term()
+
+
+async def expect_error(resp: aiohttp.ClientResponse, status: int, *words: str) -> str:
+    assert resp.status == status, await resp.text()
+    detail = (await resp.json())["detail"]
+    for word in words:
+        assert word in detail, detail
+    return detail
+
+
+def fwdbwd_body(model_id: str, seq_id: int = 1, loss_fn: str = "cross_entropy") -> bytes:
+    datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                        loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn=loss_fn),
+        model_id=model_id, seq_id=seq_id)
+    return forward_backward_request_to_proto(request).SerializeToString()
+
+
+def test_auth_config_and_health(tmp_path):
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, _):
+            await expect_error(await http.post("/api/v1/create_session", json={}), 401, "X-API-Key")
+            await expect_error(await http.post("/api/v1/create_session", json={},
+                                               headers={"x-api-key": "sk-nope"}), 401)
+            await expect_error(await http.get("/api/v1/healthz"), 503)  # no workers: not ready
+            assert await (await http.post("/api/v1/client/config", json={}, headers=KEY)).json() == {}
+            dynamic = await (await http.post("/api/v1/client/dynamic_config", json={}, headers=KEY)).json()
+            assert dynamic["sample_cancel_enabled"] is False
+            telemetry = await http.post("/api/v1/telemetry", json={"events": []}, headers=KEY)
+            assert await telemetry.json() == {"status": "accepted"}
+            capabilities = await (await http.get("/api/v1/get_server_capabilities", headers=KEY)).json()
+            assert capabilities == {"supported_models": [{"model_name": "test/model", "max_context_length": 64,
+                                                          "trainable": True, "sampleable": True}]}
+            await expect_error(await http.post("/api/v1/no_such_route", headers=KEY), 404, "no_such_route")
+            await expect_error(await http.get("/api/v1/create_session", headers=KEY), 405)
+            await expect_error(await http.post("/api/v1/create_session", data=b"{oops", headers=KEY), 400, "JSON")
+
+    asyncio.run(scenario())
+
+
+def test_allow_listed_keys_only(tmp_path):
+    async def scenario():
+        async with api_stack(make_config(tmp_path, api_keys=["secret-1"])) as (http, _):
+            await expect_error(await http.post("/api/v1/client/config", json={}, headers=KEY), 401)
+            resp = await http.post("/api/v1/client/config", json={}, headers={"X-API-KEY": "secret-1"})
+            assert resp.status == 200
+
+    asyncio.run(scenario())
+
+
+def test_controller_silence_is_503(tmp_path, monkeypatch):
+    monkeypatch.setattr(api.server, "HEALTH_TIMEOUT_S", 0.3)
+
+    async def scenario():
+        async with api_stack(make_config(tmp_path), with_controller=False) as (http, _):
+            await expect_error(await http.get("/api/v1/healthz"), 503, "ClusterStatusReq")
+
+    asyncio.run(scenario())
+
+
+def test_sessions_models_and_futures(tmp_path):
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, controller):
+            session_id = (await (await http.post("/api/v1/create_session", json={"tags": []}, headers=KEY)).json())[
+                "session_id"]
+            heartbeat = await http.post("/api/v1/session_heartbeat", json={"session_id": session_id}, headers=KEY)
+            assert await heartbeat.json() == {}
+            create = {"session_id": session_id, "model_seq_id": 0, "base_model": "test/model", "type": "create_model"}
+            await expect_error(await http.post("/api/v1/create_model", headers=KEY,
+                                               json={**create, "lora_config": {"rank": 12}}), 400, "power of 2")
+            submitted = await (await http.post("/api/v1/create_model", headers=KEY,
+                                               json={**create, "lora_config": {"rank": 4}})).json()
+            model_id = f"{session_id}:train:0"
+            assert submitted["model_id"] == model_id
+            poll = await http.post("/api/v1/retrieve_future", json={"request_id": submitted["request_id"]},
+                                   headers=KEY)
+            assert await poll.json() == {"type": "try_again", "request_id": submitted["request_id"],
+                                         "queue_state": "active"}
+            info = await (await http.post("/api/v1/get_info", json={"model_id": model_id}, headers=KEY)).json()
+            assert info == {"model_id": model_id, "is_lora": True, "lora_rank": 4, "model_name": "test/model",
+                            "model_data": {"arch": "qwen3", "model_name": "test/model", "tokenizer_id": "/models/tok"}}
+            await expect_error(await http.post("/api/v1/optim_step", headers=KEY, json={
+                "model_id": "nope:train:0", "seq_id": 1, "adam_params": {}}), 404, "nope:train:0")
+            await expect_error(await http.post("/api/v1/retrieve_future", json={"request_id": "req-nope"},
+                                               headers=KEY), 404, "req-nope")
+            await http.post(f"/api/v1/sessions/{session_id}/finish", json={"reason": {"type": "success"}},
+                            headers=KEY)
+            await expect_error(await http.post("/api/v1/session_heartbeat", json={"session_id": session_id},
+                                               headers=KEY), 410)
+
+    asyncio.run(scenario())
+
+
+def test_forward_backward_submission_and_proto_result(tmp_path):
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, controller):
+            session_id = (await (await http.post("/api/v1/create_session", json={}, headers=KEY)).json())["session_id"]
+            await http.post("/api/v1/create_model", headers=KEY, json={
+                "session_id": session_id, "model_seq_id": 0, "base_model": "test/model"})
+            model_id = f"{session_id}:train:0"
+            proto_headers = {**KEY, "Content-Type": "application/x-protobuf", "Content-Encoding": "zstd"}
+            body = zstandard.ZstdCompressor().compress(fwdbwd_body(model_id))
+            submitted = await (await http.post("/api/v1/forward_backward", data=body, headers=proto_headers)).json()
+            assert submitted["model_id"] == model_id
+            await expect_error(await http.post("/api/v1/forward_backward", data=b"\xff\xffjunk",
+                                               headers={**KEY, "Content-Type": "application/x-protobuf"}), 400)
+            await expect_error(await http.post("/api/v1/forward_backward", data=b"x",
+                                               headers={**KEY, "Content-Type": "text/plain"}), 415)
+
+            logprobs = np.array([-1.0, -2.0, -3.0], np.float32)
+            controller.futures.resolve(submitted["request_id"], ForwardBackwardResult(
+                lengths=np.array([3]), logprobs=logprobs, elementwise_loss=-logprobs, metrics={"loss:sum": 6.0}))
+            poll = {"request_id": submitted["request_id"], "allow_metadata_only": True}
+            resp = await http.post("/api/v1/retrieve_future", json=poll,
+                                   headers={**KEY, "Accept": "application/x-protobuf"})
+            assert resp.content_type == "application/x-protobuf"
+            output = deserialize_forward_backward_output(await resp.read())
+            assert output.metrics == {"loss:sum": 6.0}
+            assert output.loss_fn_outputs[0]["logprobs"].tolist() == [-1.0, -2.0, -3.0]
+            as_json = await (await http.post("/api/v1/retrieve_future", json=poll, headers=KEY)).json()
+            assert as_json["loss_fn_outputs"][0]["logprobs"]["data"] == [-1.0, -2.0, -3.0]
+
+    asyncio.run(scenario())
+
+
+def test_sampling_sessions_samples_and_failed_futures(tmp_path):
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, controller):
+            session_id = (await (await http.post("/api/v1/create_session", json={}, headers=KEY)).json())["session_id"]
+            created = await (await http.post("/api/v1/create_sampling_session", headers=KEY, json={
+                "session_id": session_id, "sampling_session_seq_id": 0, "base_model": "test/model"})).json()
+            sampler_id = created["sampling_session_id"]
+            sampler = await (await http.get(f"/api/v1/samplers/{sampler_id}", headers=KEY)).json()
+            assert sampler == {"sampler_id": sampler_id, "base_model": "test/model"}
+            sample = {"sampling_session_id": sampler_id, "seq_id": 0, "num_samples": 2, "type": "sample",
+                      "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2, 3]}]},
+                      "sampling_params": {"max_tokens": 4}, "prompt_logprobs": True}
+            submitted = await (await http.post("/api/v1/asample", json=sample, headers=KEY)).json()
+            assert len(submitted["sample_sequence_ids"]) == 2
+            await expect_error(await http.post("/api/v1/asample", headers=KEY, json={
+                **sample, "sampling_params": {"max_tokens": 62}}), 400, "3 + 62 > 64")
+
+            done, failed = controller.futures.create("sample"), controller.futures.create("sample")
+            controller.futures.resolve(done, SampleResult(
+                sequences=[SampledSequence(tokens=np.array([5], np.int32), logprobs=np.array([-0.5], np.float32),
+                                           stop_reason="stop")] * 2,
+                prompt_logprobs=np.array([np.nan, -1.0, -2.0], np.float32)))
+            controller.futures.fail(failed, "engine exploded", "server")
+            proto_accept = {**KEY, "Accept": "application/x-protobuf"}
+            resp = await http.post("/api/v1/retrieve_future", json={"request_id": done}, headers=proto_accept)
+            result = deserialize_sample_response(await resp.read())
+            assert result.prompt_logprobs == [None, -1.0, -2.0] and result.sequences[1].tokens == [5]
+            resp = await http.post("/api/v1/retrieve_future", json={"request_id": failed}, headers=proto_accept)
+            assert await resp.json() == {"error": "engine exploded", "category": "server"}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("reason", ["success", "interrupted"])
+def test_finish_unknown_session_is_404(tmp_path, reason):
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, _):
+            await expect_error(await http.post("/api/v1/sessions/nope/finish", headers=KEY,
+                                               json={"reason": {"type": reason}, "detail": None}), 404, "nope")
+
+    asyncio.run(scenario())
+
+
+async def _model_with_refused_seq_1(http) -> str:
+    """A model whose seq_id 1 was refused by the API (unknown loss) and seq_id 2 then submitted."""
+    session_id = (await (await http.post("/api/v1/create_session", json={}, headers=KEY)).json())["session_id"]
+    await http.post("/api/v1/create_model", headers=KEY, json={
+        "session_id": session_id, "model_seq_id": 0, "base_model": "test/model"})
+    model_id = f"{session_id}:train:0"
+    proto_headers = {**KEY, "Content-Type": "application/x-protobuf"}
+    await expect_error(await http.post("/api/v1/forward_backward", headers=proto_headers,
+                                       data=fwdbwd_body(model_id, seq_id=1, loss_fn="no_such_loss")),
+                       400, "no_such_loss")
+    second = await http.post("/api/v1/forward_backward", headers=proto_headers, data=fwdbwd_body(model_id, 2))
+    assert second.status == 200, await second.text()
+    return model_id
+
+
+def test_refused_request_is_still_a_400_with_its_own_detail(tmp_path):
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, _):
+            await _model_with_refused_seq_1(http)
+
+    asyncio.run(scenario())
+
+
+def test_refused_seq_id_does_not_hold_back_the_next(tmp_path):
+    # the SDK never resends a refused seq_id, so the ledger must move past it
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, controller):
+            model_id = await _model_with_refused_seq_1(http)
+            assert controller.training.runs[model_id].ledger.next_seq == 3
+
+    asyncio.run(scenario())

@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
+    # a shell starts background jobs with SIGINT ignored; we still want `kill -INT` to stop us
+    signal.signal(signal.SIGINT, on_signal)
     try:
         cluster.start()
         cluster.wait_ready()

@@ -11,21 +11,33 @@ from typing import Any
 
 from api.errors import bad_request
 from api.json_fields import JsonObject
+from api.rest import ttl_from_json
 from cluster.config import ModelConfig
 from cluster.messages import (
     AdamParams, CreateModelReq, CreateSamplingSessionReq, CreateSessionReq, FinishSessionReq, GetInfoResp,
-    LoadWeightsReq, LoraSpec, OptimStepReq, SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq,
+    LoadWeightsReq, LoraSpec, OptimStepReq, SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq,
+    SessionHeartbeatReq,
 )
 
 _FINISH_REASONS = ("success", "errored", "interrupted")
 
 
-def create_session_from_json(body: JsonObject) -> CreateSessionReq:
+def create_session_from_json(body: JsonObject, owner: str) -> CreateSessionReq:
     tags = body.get_list("tags", [])
     if not all(isinstance(t, str) for t in tags):
         raise bad_request("tags must be a list of strings")
     return CreateSessionReq(tags=tags, user_metadata=body.get_object("user_metadata", JsonObject({}, "")).value,
-                            sdk_version=body.get_str("sdk_version", ""))
+                            sdk_version=body.get_str("sdk_version", ""),
+                            display_name=body.get_str("display_name", None), owner=owner)
+
+
+def _string_metadata(body: JsonObject) -> dict[str, str]:
+    """A checkpoint's user_metadata: Tinker types it str -> str."""
+    metadata = body.get_object("user_metadata", JsonObject({}, "")).value
+    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise bad_request(f"user_metadata values must be strings; not for {bad}")
+    return metadata
 
 
 def heartbeat_from_json(body: JsonObject) -> SessionHeartbeatReq:
@@ -100,7 +112,7 @@ def _adam_from_json(params: JsonObject) -> AdamParams:
 
 def save_weights_for_sampler_from_json(body: JsonObject) -> SaveWeightsForSamplerReq:
     # `kind` ("snapshot" | "inflight") needs no handling: every save is an immutable
-    # snapshot, which satisfies the inflight contract too; ttl_seconds is not enforced
+    # snapshot, which satisfies the inflight contract too
     kind = body.get_str("kind", "snapshot")
     if kind not in ("snapshot", "inflight"):
         raise bad_request(f"kind must be 'snapshot' or 'inflight', got {kind!r}")
@@ -108,8 +120,12 @@ def save_weights_for_sampler_from_json(body: JsonObject) -> SaveWeightsForSample
     session_seq = body.get_int("sampling_session_seq_id", None)
     if name is None and session_seq is None:
         raise bad_request("save_weights_for_sampler needs a path (a checkpoint name) or a sampling_session_seq_id")
+    ttl = ttl_from_json(body)
+    if ttl is not None and name is None:
+        raise bad_request("ttl_seconds applies to named sampler checkpoints (with a path) only")
     return SaveWeightsForSamplerReq(model_id=body.get_str("model_id"), seq_id=body.get_int("seq_id"),
-                                    name=name, sampling_session_seq_id=session_seq)
+                                    name=name, sampling_session_seq_id=session_seq, ttl_seconds=ttl,
+                                    user_metadata=_string_metadata(body))
 
 
 def create_sampling_session_from_json(body: JsonObject) -> CreateSamplingSessionReq:
@@ -128,7 +144,16 @@ def save_weights_from_json(body: JsonObject) -> SaveWeightsReq:
     if not body.has("path"):
         raise bad_request("save_weights needs a path (the checkpoint name)")
     return SaveWeightsReq(model_id=body.get_str("model_id"), seq_id=body.get_int("seq_id"), name=body.get_str("path"),
-                          overwrite=body.get_bool("overwrite", False), ttl_seconds=body.get_int("ttl_seconds", None))
+                          overwrite=body.get_bool("overwrite", False), ttl_seconds=ttl_from_json(body),
+                          user_metadata=_string_metadata(body))
+
+
+def save_weights_external_from_json(body: JsonObject) -> SaveWeightsExternalReq:
+    if body.get_list("age_encryption_recipients", []):
+        raise bad_request("age_encryption_recipients: this server does not encrypt exports; leave it out "
+                          "(downloads are served by this server itself)")
+    return SaveWeightsExternalReq(model_id=body.get_str("model_id"), seq_id=body.get_int("seq_id"),
+                                  name=body.get_str("path"), ttl_seconds=ttl_from_json(body))
 
 
 def load_weights_from_json(body: JsonObject, model: ModelConfig) -> LoadWeightsReq:
@@ -139,8 +164,9 @@ def load_weights_from_json(body: JsonObject, model: ModelConfig) -> LoadWeightsR
         raise bad_request(f"base_model {base_model!r} is not served here; this server serves {model.name!r}")
     if body.has("model_id") == body.has("session_id"):
         raise bad_request("load_weights needs either model_id + seq_id or session_id + model_seq_id")
-    # user_metadata and weights_access_token have nothing to act on: checkpoints here are local
+    # weights_access_token has nothing to act on: checkpoints here are local
     return LoadWeightsReq(path=body.get_str("path"), with_optimizer=body.get_bool("optimizer", False),
                           model_id=body.get_str("model_id", None), seq_id=body.get_int("seq_id", None),
                           session_id=body.get_str("session_id", None),
-                          model_seq_id=body.get_int("model_seq_id", None))
+                          model_seq_id=body.get_int("model_seq_id", None),
+                          user_metadata=body.get_object("user_metadata", JsonObject({}, "")).value)

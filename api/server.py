@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import signal
 from typing import Any, Callable
@@ -30,13 +31,14 @@ from api.json_fields import JsonObject, parse_json_object
 from api.json_requests import (
     create_model_from_json, create_sampling_session_from_json, create_session_from_json,
     finish_session_from_json, get_info_json, heartbeat_from_json, load_weights_from_json, optim_step_from_json,
-    save_weights_for_sampler_from_json, save_weights_from_json,
+    save_weights_external_from_json, save_weights_for_sampler_from_json, save_weights_from_json,
 )
+from api.rest import RestHandlers, is_open_path
 from api.sampling import sample_request_from_json, sample_response_json, sample_response_proto
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    ClusterStatusReq, ForwardBackwardResult, GetInfoReq, GetSamplerReq, JsonResult, RetrieveFutureReq,
-    SampleResult, SkipSeqReq, SubmitResp,
+    CancelFutureReq, ClusterStatusReq, ForwardBackwardResult, GetInfoReq, GetSamplerReq, JsonResult,
+    RetrieveFutureReq, RetrieveFuturesReq, SampleResult, SkipSeqReq, SubmitResp,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import AsyncPeer, RemoteError
@@ -82,7 +84,7 @@ def api_key_check(api_keys: list[str] | None):
 
     @web.middleware
     async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
-        if request.path not in _OPEN_PATHS:
+        if request.path not in _OPEN_PATHS and not is_open_path(request.path):
             key = request.headers.get("X-API-Key")
             if not key:
                 raise HttpError(401, "missing X-API-Key header")
@@ -172,10 +174,12 @@ class Handlers:
     # -- client configuration and health ----------------------------------------------
 
     async def client_config(self, request: web.Request) -> web.Response:
-        return json_response({})  # every opt-in feature (JWT, compression, batched polling) stays off
+        # batched completion polling for samples is served (retrieve_futures); JWT, compressed
+        # fwd/bwd bodies and server-side custom losses stay off
+        return json_response({"sample_use_retrieve_futures": True})
 
     async def dynamic_config(self, request: web.Request) -> web.Response:
-        return json_response({"refresh_interval_sec": 300, "sample_cancel_enabled": False})
+        return json_response({"refresh_interval_sec": 300, "sample_cancel_enabled": True})
 
     async def telemetry(self, request: web.Request) -> web.Response:
         return json_response({"status": "accepted"})
@@ -195,7 +199,9 @@ class Handlers:
     # -- sessions -----------------------------------------------------------------------
 
     async def create_session(self, request: web.Request) -> web.Response:
-        resp = await self.call(create_session_from_json(await self.body(request)))
+        # the owner of its runs: a fingerprint of the key (the key itself is never stored)
+        owner = "key-" + hashlib.sha256(request.headers["X-API-Key"].encode()).hexdigest()[:12]
+        resp = await self.call(create_session_from_json(await self.body(request), owner))
         return json_response({"session_id": resp.session_id})
 
     async def session_heartbeat(self, request: web.Request) -> web.Response:
@@ -251,6 +257,9 @@ class Handlers:
     async def save_weights_for_sampler(self, request: web.Request) -> web.Response:
         return await self._submit_json_sequenced(request, save_weights_for_sampler_from_json)
 
+    async def save_weights_external(self, request: web.Request) -> web.Response:
+        return await self._submit_json_sequenced(request, save_weights_external_from_json)
+
     # -- sampling -----------------------------------------------------------------------
 
     async def create_sampling_session(self, request: web.Request) -> web.Response:
@@ -282,11 +291,32 @@ class Handlers:
             return render_result(resp.result, request.headers.get("Accept", ""))
         raise TypeError(f"the controller answered retrieve_future with status {resp.status!r}")
 
+    async def retrieve_futures(self, request: web.Request) -> web.Response:
+        """Batched completion polling of one sampling session's samples (SDK flag sample_use_retrieve_futures)."""
+        body = await self.body(request)
+        target = body.get_object("target")
+        if target.get_str("type", "sampling_session") != "sampling_session":
+            raise HttpError(400, f"target.type must be 'sampling_session', got {target.get_str('type')!r}")
+        timeout = body.get_float("timeout", None)  # absent: long-poll; 0: answer at once
+        wait_s = self.config.api.long_poll_s if timeout is None else max(0.0, min(timeout, self.config.api.long_poll_s))
+        # retrieved_request_ids needs nothing: results stay until swept, a re-poll may still want them
+        resp = await self.call(RetrieveFuturesReq(
+            sampling_session_id=target.get_str("sampling_session_id"),
+            cloned_sampler_id=target.get_int("cloned_sampler_id", 0), prev_cursor=body.get_int("prev_cursor", 0),
+            wait_s=wait_s), timeout=wait_s + CONTROLLER_TIMEOUT_S)
+        return json_response({"completions": [{"state": c.state, "request_id": c.request_id}
+                                              for c in resp.completions], "cursor": resp.cursor})
+
+    async def cancel_future(self, request: web.Request) -> web.Response:
+        resp = await self.call(CancelFutureReq(request_id=(await self.body(request)).get_str("request_id")))
+        return json_response({"cancelled": resp.cancelled})
+
 
 def create_app(config: ClusterConfig, controller: AsyncPeer) -> web.Application:
     app = web.Application(middlewares=[errors_as_json, api_key_check(config.api.api_keys)],
                           client_max_size=MAX_BODY_BYTES)
     h = Handlers(config, controller)
+    app.add_routes(RestHandlers(h.call).routes())
     app.add_routes([
         web.post(f"{PREFIX}/client/config", h.client_config),
         web.post(f"{PREFIX}/client/dynamic_config", h.dynamic_config),
@@ -304,10 +334,13 @@ def create_app(config: ClusterConfig, controller: AsyncPeer) -> web.Application:
         web.post(f"{PREFIX}/save_weights", h.save_weights),
         web.post(f"{PREFIX}/load_weights", h.load_weights),
         web.post(f"{PREFIX}/save_weights_for_sampler", h.save_weights_for_sampler),
+        web.post(f"{PREFIX}/save_weights_external", h.save_weights_external),
         web.post(f"{PREFIX}/create_sampling_session", h.create_sampling_session),
         web.get(f"{PREFIX}/samplers/{{sampler_id}}", h.get_sampler),
         web.post(f"{PREFIX}/asample", h.asample),
         web.post(f"{PREFIX}/retrieve_future", h.retrieve_future),
+        web.post(f"{PREFIX}/retrieve_futures", h.retrieve_futures),
+        web.post(f"{PREFIX}/cancel_future", h.cancel_future),
     ])
     return app
 

@@ -8,6 +8,7 @@ Nothing is pickled; an unknown message tag is an error, not a guess.
 from __future__ import annotations
 
 import dataclasses
+import struct
 from typing import Any, Sequence
 
 import msgpack
@@ -67,3 +68,41 @@ def decode(frames: Sequence) -> Any:
         raise CodecError(f"unknown ext code {code}")
 
     return msgpack.unpackb(buffers[0], ext_hook=ext_hook, strict_map_key=False)
+
+
+_BLOB_COUNT = struct.Struct("<I")
+_BLOB_LENGTH = struct.Struct("<Q")
+
+
+def encode_blob(msg: Any) -> bytes:
+    """`encode` as one bytes object (to store a message, e.g. a future's result, in SQLite).
+
+    Layout: frame count (u32 LE), then per frame its length (u64 LE) and its bytes.
+    """
+    frames = encode(msg)
+    parts = [_BLOB_COUNT.pack(len(frames))]
+    for frame in frames:
+        view = memoryview(frame).cast("B")
+        parts += [_BLOB_LENGTH.pack(view.nbytes), view]
+    return b"".join(parts)
+
+
+def decode_blob(blob: bytes) -> Any:
+    """Inverse of `encode_blob`; arrays are views into `blob`."""
+    view = memoryview(blob)
+    if len(view) < _BLOB_COUNT.size:
+        raise CodecError("blob too short")
+    (count,), pos = _BLOB_COUNT.unpack_from(view, 0), _BLOB_COUNT.size
+    frames = []
+    for _ in range(count):
+        if pos + _BLOB_LENGTH.size > len(view):
+            raise CodecError("blob truncated in a frame length")
+        (length,) = _BLOB_LENGTH.unpack_from(view, pos)
+        pos += _BLOB_LENGTH.size
+        if pos + length > len(view):
+            raise CodecError("blob truncated in a frame")
+        frames.append(view[pos:pos + length])
+        pos += length
+    if pos != len(view):
+        raise CodecError(f"{len(view) - pos} stray bytes after the last frame")
+    return decode(frames)

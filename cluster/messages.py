@@ -171,6 +171,8 @@ class CreateSessionReq(Message):
     tags: list[str] = field(default_factory=list)
     user_metadata: dict[str, Any] = field(default_factory=dict)
     sdk_version: str = ""
+    display_name: str | None = None
+    owner: str = ""  # who created it: a fingerprint of the API key (never the key itself)
 
 
 @message
@@ -246,6 +248,8 @@ class SaveWeightsForSamplerReq(Message):
     seq_id: int
     name: str | None = None  # named snapshot -> tinker://<model>/sampler_weights/<name>
     sampling_session_seq_id: int | None = None  # ephemeral -> a new sampling session
+    ttl_seconds: int | None = None  # named only: the checkpoint expires this long after it is written
+    user_metadata: dict[str, str] = field(default_factory=dict)
 
 
 @message
@@ -256,6 +260,17 @@ class SaveWeightsReq(Message):
     seq_id: int
     name: str
     overwrite: bool = False
+    ttl_seconds: int | None = None
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+
+@message
+class SaveWeightsExternalReq(Message):
+    """Export the adapter in Hugging Face PEFT form -> tinker://<model>/external_weights/<name>."""
+
+    model_id: str
+    seq_id: int
+    name: str
     ttl_seconds: int | None = None
 
 
@@ -271,6 +286,7 @@ class LoadWeightsReq(Message):
     seq_id: int | None = None
     session_id: str | None = None
     model_seq_id: int | None = None
+    user_metadata: dict[str, Any] = field(default_factory=dict)  # of the new model (create-from-state)
 
 
 @message
@@ -329,6 +345,16 @@ class SampleReq(Message):
 
 
 @message
+class CancelFutureReq(Message):
+    request_id: str
+
+
+@message
+class CancelFutureResp(Message):
+    cancelled: bool  # False: the future had already settled (or is not a sample)
+
+
+@message
 class RetrieveFutureReq(Message):
     request_id: str
     wait_s: float = 25.0  # long-poll budget; the controller answers "pending" after it
@@ -354,6 +380,187 @@ class ClusterStatusResp(Message):
     model_name: str
     workers: dict[str, str] = field(default_factory=dict)  # name -> state
     detail: str = ""
+
+
+@message
+class FutureCompletion:
+    request_id: str
+    state: str  # "finished" | "failed"
+
+
+@message
+class RetrieveFuturesReq(Message):
+    """Batched completion polling of one sampling session's samples (`retrieve_futures`).
+
+    Completions at or before `prev_cursor` are acknowledged and forgotten; the answer
+    holds every later one, waiting up to `wait_s` for the first if there is none yet.
+    """
+
+    sampling_session_id: str
+    cloned_sampler_id: int = 0
+    prev_cursor: int = 0
+    wait_s: float = 25.0
+
+
+@message
+class RetrieveFuturesResp(Message):
+    completions: list[FutureCompletion] = field(default_factory=list)
+    cursor: int = 0
+
+
+# ----------------------------------------------------------------------------------
+# REST listings (API <-> controller): training runs, checkpoints, sessions. Answered
+# with plain JSON, never futures; times are unix seconds (the API renders ISO-8601).
+# ----------------------------------------------------------------------------------
+
+@message
+class CheckpointInfo:
+    tinker_path: str
+    model_id: str
+    kind: str  # "weights" | "sampler_weights" | "external_weights"
+    name: str
+    created: float  # unix time
+    size_bytes: int | None = None
+    public: bool = False
+    expires_at: float | None = None  # unix time; None = never
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+
+@message
+class TrainingRunInfo:
+    model_id: str
+    base_model: str
+    owner: str
+    lora_rank: int | None
+    last_request: float  # unix time
+    is_lora: bool = True
+    last_checkpoint: CheckpointInfo | None = None
+    last_sampler_checkpoint: CheckpointInfo | None = None
+    user_metadata: dict[str, str] = field(default_factory=dict)
+
+
+@message
+class ListTrainingRunsReq(Message):
+    limit: int = 20
+    offset: int = 0
+
+
+@message
+class ListTrainingRunsResp(Message):
+    runs: list[TrainingRunInfo] = field(default_factory=list)
+    total_count: int = 0
+
+
+@message
+class GetTrainingRunReq(Message):
+    model_id: str
+
+
+@message
+class GetTrainingRunResp(Message):
+    run: TrainingRunInfo
+
+
+@message
+class ListCheckpointsReq(Message):
+    """One run's checkpoints (model_id set, all of them) or everyone's (paged)."""
+
+    model_id: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+@message
+class ListCheckpointsResp(Message):
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    total_count: int = 0
+
+
+@message
+class DeleteCheckpointReq(Message):
+    tinker_path: str
+
+
+@message
+class SetCheckpointPublicReq(Message):
+    tinker_path: str
+    public: bool
+
+
+@message
+class SetCheckpointTtlReq(Message):
+    tinker_path: str
+    ttl_seconds: int | None  # None = never expires
+
+
+@message
+class CheckpointUpdatedResp(Message):
+    """Answer to DeleteCheckpointReq, SetCheckpointPublicReq, SetCheckpointTtlReq."""
+
+
+@message
+class ExternalWeightsUrlsReq(Message):
+    tinker_path: str
+
+
+@message
+class ExternalWeightsUrlsResp(Message):
+    """A download token for the checkpoint's files; the API builds one URL per file."""
+
+    token: str
+    files: list[str] = field(default_factory=list)  # paths relative to the checkpoint root
+    expires: float = 0.0  # unix time
+
+
+@message
+class ResolveDownloadReq(Message):
+    token: str
+    relpath: str
+
+
+@message
+class ResolveDownloadResp(Message):
+    path: str  # absolute path of the file on this node
+
+
+@message
+class WeightsInfoReq(Message):
+    tinker_path: str
+
+
+@message
+class WeightsInfoResp(Message):
+    base_model: str
+    lora_rank: int
+    train_unembed: bool
+    train_mlp: bool
+    train_attn: bool
+    is_lora: bool = True
+
+
+@message
+class ListSessionsReq(Message):
+    limit: int = 20
+    offset: int = 0
+
+
+@message
+class ListSessionsResp(Message):
+    session_ids: list[str] = field(default_factory=list)
+    total_count: int = 0
+
+
+@message
+class GetSessionReq(Message):
+    session_id: str
+
+
+@message
+class GetSessionResp(Message):
+    training_run_ids: list[str] = field(default_factory=list)
+    sampler_ids: list[str] = field(default_factory=list)
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    display_name: str | None = None
 
 
 # ----------------------------------------------------------------------------------
@@ -487,6 +694,7 @@ class EngineUnloadAdapterResp(Message):
 @message
 class EngineSampleReq(Message):
     adapter_id: str | None  # None = the base model
+    request_id: str = ""  # the controller's future: what EngineCancelSampleReq names
     prompt_tokens: np.ndarray  # int64 [n]
     num_samples: int = 1
     params: SamplingParams
@@ -497,6 +705,18 @@ class EngineSampleReq(Message):
 @message
 class EngineSampleResp(Message):
     result: SampleResult
+
+
+@message
+class EngineCancelSampleReq(Message):
+    """Drop a sample request's work; the engine answers that request with a 499 ErrorResp."""
+
+    request_id: str
+
+
+@message
+class EngineCancelSampleResp(Message):
+    cancelled: bool  # False: not running there (already answered)
 
 
 # ----------------------------------------------------------------------------------
@@ -545,3 +765,4 @@ class TrainerLoadStateReq(Message):
 @message
 class TrainerLoadStateResp(Message):
     lora: LoraSpec  # the spec read back from the checkpoint
+

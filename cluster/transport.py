@@ -98,8 +98,16 @@ class AsyncPeer:
         self.sock.send_multipart(frames, copy=False)
 
     def reply(self, peer: bytes | None, req: Any, resp: Any) -> None:
+        """Answer `req`; a reply to a ROUTER peer that has gone (say, a restarted API
+        process, whose successor has a new identity) is dropped with a warning: whoever
+        asked is no longer there to read it."""
         resp.call_id = req.call_id
-        self.send(peer, resp)
+        try:
+            self.send(peer, resp)
+        except zmq.ZMQError as exc:
+            if self.kind != zmq.ROUTER or exc.errno != zmq.EHOSTUNREACH:
+                raise
+            log.warning("dropping %s for %r: that peer is gone", type(resp).__name__, peer)
 
     def _register(self, peer: bytes | None, req: Any) -> asyncio.Future:
         req.call_id = next(self._ids)

@@ -5,8 +5,10 @@
 
 Starts, as separate processes: the controller, the API front-end, the trainer ranks
 (under torchrun) and the engines; waits until the API reports every worker ready;
-prints the base_url. Each process logs to STATE_DIR/logs/<name>.log. If any process
-dies, or on Ctrl-C / SIGTERM, everything is torn down and the cause is named.
+prints the base_url. Each process logs to STATE_DIR/logs/<name>.log. The API holds no
+state, so when it dies it is started again (same port; clients retry meanwhile), at
+most API_RESTARTS times in API_RESTART_WINDOW_S. If any other process dies, or on
+Ctrl-C / SIGTERM, everything is torn down and the cause is named.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import ClusterConfig, ModelConfig
+from cluster.config import ClusterConfig, ControllerConfig, ModelConfig
 from cluster.process import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600.0
+API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_WINDOW_S
+API_RESTART_WINDOW_S = 60.0
 
 
 def default_state_dir() -> Path:
@@ -55,7 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--api-keys-file", type=Path, help="one allowed key per line (default: any tml- key)")
-    return p.parse_args(argv)
+    p.add_argument("--session-timeout", type=float, default=ControllerConfig.session_timeout_s, metavar="SECONDS",
+                   help="a session without a heartbeat for this long expires and frees its adapter slots "
+                        "(the SDK heartbeats every 10 s; default %(default)g)")
+    args = p.parse_args(argv)
+    if args.session_timeout <= 0:
+        p.error("--session-timeout must be positive")
+    return args
 
 
 def _python_module(module: str, *args: str) -> str:
@@ -94,6 +104,7 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
         config.api.api_keys = [k.strip() for k in args.api_keys_file.read_text().split() if k.strip()]
     config.controller.api_address = f"tcp://127.0.0.1:{free_port()}"
     config.controller.worker_address = f"tcp://127.0.0.1:{free_port()}"
+    config.controller.session_timeout_s = args.session_timeout
     config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
     config.trainer.max_lora_rank = config.engine.max_lora_rank = args.max_lora_rank
     config.trainer.device = config.engine.device = args.device
@@ -125,25 +136,31 @@ class Cluster:
         self.log_dir = Path(config.state_dir) / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
+        self.api_restarts: list[float] = []  # when the API was restarted (monotonic)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.config.api.host}:{self.config.api.port}"
 
-    def spawn(self, name: str, cmd: list[str]) -> None:
+    def spawn(self, name: str, cmd: list[str]) -> Child:
         log_path = self.log_dir / f"{name}.log"
         log_file = open(log_path, "ab")
         # own session: a terminal's Ctrl-C reaches only us, and we stop the children in order
         proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_child_env(),
                                 preexec_fn=die_with_parent, start_new_session=True)
         log_file.close()
-        self.children.append(Child(name, proc, log_path))
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def _api_command(self) -> list[str]:
+        return [sys.executable, "-m", "api.server", "--config", str(self.config_path)]
 
     def start(self) -> None:
         cfg = ["--config", str(self.config_path)]
         py = sys.executable
         self.spawn("controller", [py, "-m", "actors.controller.controller", *cfg])
-        self.spawn("api", [py, "-m", "api.server", *cfg])
+        self.spawn("api", self._api_command())
         for i in range(self.config.engine.count):
             self.spawn(f"engine{i}", [py, "-m", "actors.engine.main", *cfg, "--index", str(i)])
         self.spawn("trainer", [py, "-m", "torch.distributed.run", "--nnodes", "1",
@@ -169,9 +186,22 @@ class Cluster:
         raise TimeoutError(f"cluster not ready after {STARTUP_TIMEOUT_S:.0f} s; logs in {self.log_dir}")
 
     def supervise(self) -> None:
-        while (dead := self.dead_child()) is None:
-            time.sleep(0.5)
-        raise ChildDied(dead)
+        """Wait for a child to die: restart the API (stateless), give up on anything else."""
+        while True:
+            while (dead := self.dead_child()) is None:
+                time.sleep(0.2)
+            if dead.name != "api" or not self._may_restart_api():
+                raise ChildDied(dead)
+            self.children.remove(dead)
+            print(f"tinkerd: the API process exited with code {dead.proc.returncode}; restarting it "
+                  f"({len(self.api_restarts)} restart(s) in the last {API_RESTART_WINDOW_S:.0f} s; "
+                  f"log in {dead.log_path})", flush=True)
+            self.spawn("api", self._api_command())
+
+    def _may_restart_api(self) -> bool:
+        now = time.monotonic()
+        self.api_restarts = [t for t in self.api_restarts if now - t < API_RESTART_WINDOW_S] + [now]
+        return len(self.api_restarts) <= API_RESTARTS
 
     def stop(self, grace_s: float = 10.0) -> None:
         for child in self.children:

@@ -20,6 +20,7 @@ import uvloop
 import zmq
 import zmq.asyncio
 
+from actors.controller.checkpoints import CheckpointService, as_str_dict
 from actors.controller.errors import ApiError
 from actors.controller.futures import FutureStore, UnknownFuture
 from actors.controller.sampling import SamplingService
@@ -28,10 +29,12 @@ from actors.controller.training import TrainingService
 from actors.controller.workers import WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    ClusterStatusReq, ClusterStatusResp, CreateModelReq, CreateSamplingSessionReq, CreateSamplingSessionResp,
-    CreateSessionReq, CreateSessionResp, ErrorResp, FinishSessionReq, FinishSessionResp, ForwardBackwardReq,
-    GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, LoadWeightsReq, OptimStepReq, RetrieveFutureReq,
-    SampleReq, SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq, SkipSeqReq, SkipSeqResp, SessionHeartbeatResp, ShutdownEvent,
+    CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq, CreateSamplingSessionReq,
+    CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp, FinishSessionReq, FinishSessionResp,
+    ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, GetSessionReq, GetSessionResp,
+    ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, RetrieveFutureReq, RetrieveFuturesReq,
+    SampleReq, SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq,
+    SessionHeartbeatResp, ShutdownEvent, SkipSeqReq, SkipSeqResp,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import AsyncPeer
@@ -50,15 +53,35 @@ class Session:
 class Controller:
     def __init__(self, config: ClusterConfig):
         self.config = config
+        self.started_at = time.time()
         self.ctx = zmq.asyncio.Context()
         self.store = StateStore(config.database_path)
-        self.futures = FutureStore()
+        self.futures = FutureStore(self.store)
         self.workers = WorkerPool(self.ctx, config.controller.worker_address,
                                   config.trainer.ranks, config.engine.count)
         self.sampling = SamplingService(config, self.workers, self.futures, self.store)
-        self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling)
+        self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling,
+                                        self.started_at)
+        self.checkpoints = CheckpointService(self.store)
         self.sessions: dict[str, Session] = {}
         self.api = AsyncPeer(self.ctx, zmq.ROUTER, config.controller.api_address, bind=True)
+        self._handler_owners = (self, self.checkpoints)
+        self._restore()
+
+    def _restore(self) -> None:
+        """Pick up what a previous controller left in the state dir's database.
+
+        Sessions that had not finished live on (their clients may still be there; they
+        expire like any other without heartbeats). Training runs do not: their adapters
+        were in memory; requests for them get a 410 saying so. Futures left pending can
+        never settle and are failed.
+        """
+        for session_id in self.store.unfinished_sessions():
+            self.sessions[session_id] = Session(session_id)
+        orphans = self.futures.fail_orphans()
+        if self.sessions or orphans:
+            log.info("restored %d live sessions from %s; failed %d futures left pending",
+                     len(self.sessions), self.config.database_path, orphans)
 
     async def event_loop(self) -> None:
         self.workers.start()
@@ -75,8 +98,12 @@ class Controller:
                     pass
             self.store.close()
 
+    def _handler(self, req):
+        name = f"handle_{type(req).__name__}"
+        return next((getattr(owner, name) for owner in self._handler_owners if hasattr(owner, name)), None)
+
     async def _on_api_message(self, peer: bytes, req) -> None:
-        handler = getattr(self, f"handle_{type(req).__name__}", None)
+        handler = self._handler(req)
         if handler is None:
             self.api.reply(peer, req, ErrorResp(status=400, detail=f"unsupported request {type(req).__name__}"))
             return
@@ -89,10 +116,13 @@ class Controller:
         self.api.reply(peer, req, resp)
 
     async def _sweep_forever(self) -> None:
+        # often enough that a short --session-timeout is honoured within half of it
+        interval = min(_SWEEP_INTERVAL_S, self.config.controller.session_timeout_s / 2)
         while True:
-            await asyncio.sleep(_SWEEP_INTERVAL_S)
+            await asyncio.sleep(interval)
             self.futures.sweep()
             self.sampling.sweep()
+            self.checkpoints.sweep()
             deadline = time.monotonic() - self.config.controller.session_timeout_s
             for session in [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < deadline]:
                 log.info("session %s expired (no heartbeat)", session.session_id)
@@ -103,15 +133,21 @@ class Controller:
     def _session(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
         if session is None:
-            raise ApiError(404, f"unknown session {session_id!r}")
+            row = self.store.session(session_id)
+            if row is None:
+                raise ApiError(404, f"unknown session {session_id!r}")
+            session = Session(session_id, finished=True)  # finished before this controller started
         if session.finished:
-            raise ApiError(410, f"session {session_id!r} has finished")
+            reason = (self.store.session(session_id) or {}).get("finish_reason") or "finished"
+            why = (f"expired: no heartbeat for {self.config.controller.session_timeout_s:g} s" if reason == "expired"
+                   else f"has finished ({reason})")
+            raise ApiError(410, f"session {session_id!r} {why}; create a new ServiceClient")
         return session
 
     def handle_CreateSessionReq(self, req: CreateSessionReq) -> CreateSessionResp:
         session_id = str(uuid.uuid4())
         self.sessions[session_id] = Session(session_id)
-        self.store.add_session(session_id, req.tags, req.user_metadata, req.sdk_version)
+        self.store.add_session(session_id, req.tags, req.user_metadata, req.sdk_version, req.display_name, req.owner)
         return CreateSessionResp(session_id=session_id)
 
     def handle_SessionHeartbeatReq(self, req: SessionHeartbeatReq) -> SessionHeartbeatResp:
@@ -121,10 +157,24 @@ class Controller:
     async def handle_FinishSessionReq(self, req: FinishSessionReq) -> FinishSessionResp:
         session = self.sessions.get(req.session_id)
         if session is None:
-            raise ApiError(404, f"unknown session {req.session_id!r}")
+            if self.store.session(req.session_id) is None:
+                raise ApiError(404, f"unknown session {req.session_id!r}")
+            return FinishSessionResp()  # finished before this controller started: the first reason won
         if not session.finished:  # the first reason wins
             await self._finish(session, req.reason)
         return FinishSessionResp()
+
+    def handle_ListSessionsReq(self, req: ListSessionsReq) -> ListSessionsResp:
+        session_ids, total = self.store.sessions(req.limit, req.offset)
+        return ListSessionsResp(session_ids=session_ids, total_count=total)
+
+    def handle_GetSessionReq(self, req: GetSessionReq) -> GetSessionResp:
+        row = self.store.session(req.session_id)
+        if row is None:
+            raise ApiError(404, f"unknown session {req.session_id!r}")
+        return GetSessionResp(training_run_ids=self.store.training_run_ids(req.session_id),
+                              sampler_ids=self.store.sampler_ids(req.session_id),
+                              user_metadata=as_str_dict(row["user_metadata"]), display_name=row["display_name"])
 
     async def _finish(self, session: Session, reason: str) -> None:
         session.finished = True
@@ -158,6 +208,9 @@ class Controller:
     def handle_SaveWeightsReq(self, req: SaveWeightsReq):
         return self.training.submit(req)
 
+    def handle_SaveWeightsExternalReq(self, req: SaveWeightsExternalReq):
+        return self.training.submit(req)
+
     def handle_SkipSeqReq(self, req: SkipSeqReq) -> SkipSeqResp:
         self.training.skip(req.model_id, req.seq_id)
         return SkipSeqResp()
@@ -179,9 +232,8 @@ class Controller:
         return CreateSamplingSessionResp(sampling_session_id=await self.sampling.create_session(req))
 
     def handle_GetSamplerReq(self, req: GetSamplerReq) -> GetSamplerResp:
-        session = self.sampling.session_info(req.sampler_id)
-        return GetSamplerResp(sampler_id=req.sampler_id, base_model=session.base_model,
-                              model_path=session.model_path)
+        row = self.sampling.sampler_record(req.sampler_id)
+        return GetSamplerResp(sampler_id=req.sampler_id, base_model=row["base_model"], model_path=row["model_path"])
 
     def handle_SampleReq(self, req: SampleReq):
         return self.sampling.submit(req)
@@ -193,6 +245,14 @@ class Controller:
             return await self.futures.wait(req.request_id, req.wait_s)
         except UnknownFuture:
             raise ApiError(404, f"unknown request_id {req.request_id!r}") from None
+
+    async def handle_RetrieveFuturesReq(self, req: RetrieveFuturesReq):
+        return await self.sampling.retrieve_completions(req)
+
+    async def handle_CancelFutureReq(self, req: CancelFutureReq) -> CancelFutureResp:
+        if self.futures.kind(req.request_id) is None:
+            raise ApiError(404, f"unknown request_id {req.request_id!r}")
+        return CancelFutureResp(cancelled=await self.sampling.cancel(req.request_id))
 
     def handle_ClusterStatusReq(self, req: ClusterStatusReq) -> ClusterStatusResp:
         return ClusterStatusResp(ready=self.workers.ready.is_set() and not self.workers.failure,

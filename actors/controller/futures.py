@@ -4,6 +4,11 @@
 its budget runs out (then the API answers `try_again`). Results stay retrievable after
 the first fetch, because the SDK may re-poll after a lost response; settled futures
 are swept after `keep_s`.
+
+Every future is also written through to SQLite (state, then the result as an
+`encode_blob` of its message, or the error), so after a controller restart a future
+settled before it is still answered from the database. Futures that were pending when
+the previous controller stopped can never settle: `fail_orphans` marks them failed.
 """
 
 from __future__ import annotations
@@ -14,7 +19,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.controller.store import StateStore
+from cluster.codec import decode_blob, encode_blob
 from cluster.messages import RetrieveFutureResp
+
+RESTART_ERROR = "the server restarted before this request finished; submit it again"
 
 
 @dataclass
@@ -33,13 +42,19 @@ class UnknownFuture(KeyError):
 
 
 class FutureStore:
-    def __init__(self, keep_s: float = 3600.0):
+    def __init__(self, store: StateStore, keep_s: float = 3600.0):
         self._futures: dict[str, _Future] = {}
+        self.store = store
         self.keep_s = keep_s
+
+    def fail_orphans(self) -> int:
+        """At start-up: fail the futures a previous controller left pending."""
+        return self.store.fail_pending_futures(RESTART_ERROR, "server")
 
     def create(self, kind: str) -> str:
         request_id = f"req-{uuid.uuid4().hex}"
         self._futures[request_id] = _Future(kind=kind)
+        self.store.add_future(request_id, kind)
         return request_id
 
     def resolve(self, request_id: str, result: Any) -> None:
@@ -48,6 +63,7 @@ class FutureStore:
             return
         fut.result, fut.settled_at = result, time.monotonic()
         fut.event.set()
+        self.store.settle_future(request_id, "done", result=encode_blob(result))
 
     def fail(self, request_id: str, error: str, category: str = "server") -> None:
         fut = self._futures.get(request_id)
@@ -55,13 +71,32 @@ class FutureStore:
             return
         fut.error, fut.category, fut.settled_at = error, category, time.monotonic()
         fut.event.set()
+        self.store.settle_future(request_id, "error", error=error, category=category)
 
     def is_pending(self, request_id: str) -> bool:
         fut = self._futures.get(request_id)
         return fut is not None and fut.settled_at is None
 
-    async def wait(self, request_id: str, wait_s: float) -> RetrieveFutureResp:
+    def kind(self, request_id: str) -> str | None:
         fut = self._futures.get(request_id)
+        return fut.kind if fut is not None else None
+
+    def _from_database(self, request_id: str) -> _Future | None:
+        """A future settled by an earlier controller (or swept from memory), from SQLite."""
+        row = self.store.future(request_id)
+        if row is None or row["state"] == "pending":
+            return None
+        fut = _Future(kind=row["kind"], settled_at=time.monotonic())
+        if row["state"] == "done":
+            fut.result = decode_blob(row["result"])
+        else:
+            fut.error, fut.category = row["error"] or "failed", row["category"] or "unknown"
+        fut.event.set()
+        self._futures[request_id] = fut
+        return fut
+
+    async def wait(self, request_id: str, wait_s: float) -> RetrieveFutureResp:
+        fut = self._futures.get(request_id) or self._from_database(request_id)
         if fut is None:
             raise UnknownFuture(request_id)
         if fut.settled_at is None:
@@ -79,6 +114,7 @@ class FutureStore:
         stale = [rid for rid, f in self._futures.items() if f.settled_at is not None and f.settled_at < cutoff]
         for rid in stale:
             del self._futures[rid]
+        self.store.delete_futures_settled_before(time.time() - self.keep_s)
         return len(stale)
 
     def __len__(self) -> int:

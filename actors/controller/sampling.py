@@ -5,6 +5,15 @@ model). Adapter ids name immutable snapshots: `tinker://…/sampler_weights/<nam
 named checkpoints, `<model_id>@<seq_id>` for ephemeral ones, so a sampling client
 never sees weights drift as training goes on. Samples have no ordering; each goes to
 the least busy engine as soon as it arrives, and engines batch whatever they hold.
+
+Sampling sessions are recorded in SQLite. After a controller restart, one bound to a
+checkpoint or to the base model comes back on first use (the checkpoint is reloaded
+from disk); one bound to an ephemeral snapshot cannot, its weights were in memory only.
+
+Completions are also logged per (sampling session, clone) for `retrieve_futures`, the
+SDK's batched polling: a poll acknowledges everything up to its cursor and gets every
+later completion. Cursors start at the controller's start time in microseconds, so a
+cursor from before a restart is never ahead of the new ones.
 """
 
 from __future__ import annotations
@@ -12,21 +21,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from actors.controller.errors import ApiError, category_for
 from actors.controller.futures import FutureStore
 from actors.controller.store import StateStore
-from actors.controller.workers import WorkerFailure, WorkerPool
+from actors.controller.workers import EngineHandle, WorkerFailure, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    CreateSamplingSessionReq, EngineLoadAdapterFromDiskReq, EngineSampleReq, EngineUnloadAdapterReq,
-    SampleReq, SubmitResp,
+    CreateSamplingSessionReq, EngineCancelSampleReq, EngineLoadAdapterFromDiskReq, EngineSampleReq,
+    EngineUnloadAdapterReq, FutureCompletion, RetrieveFuturesReq, RetrieveFuturesResp, SampleReq, SubmitResp,
 )
 from cluster.transport import RemoteError
 
 log = logging.getLogger(__name__)
-_REQUEST_MEMORY_S = 3600.0  # how long a (session, seq_id) keeps answering retries
+_REQUEST_MEMORY_S = 3600.0  # how long a (session, seq_id) keeps answering retries, a completion its poller
+CLONE_SEQ_STRIDE = 1_000_000_000  # a cloned SamplingClient's seq_ids start at clone_id * this
 
 
 @dataclass
@@ -44,6 +55,30 @@ class _Adapter:
     disk_path: str | None
 
 
+@dataclass
+class _CompletionLog:
+    """One (sampling session, clone)'s completions not yet acknowledged by its poller."""
+
+    entries: deque = field(default_factory=deque)  # (cursor, settled monotonic, FutureCompletion)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, cursor: int, completion: FutureCompletion) -> None:
+        self.entries.append((cursor, time.monotonic(), completion))
+        self.changed.set()
+        self.changed = asyncio.Event()  # waiters hold the old one, which stays set
+
+    def ack(self, cursor: int) -> None:
+        while self.entries and self.entries[0][0] <= cursor:
+            self.entries.popleft()
+
+    def after(self, cursor: int) -> list[tuple[int, FutureCompletion]]:
+        return [(c, done) for c, _, done in self.entries if c > cursor]
+
+    def forget_older_than(self, cutoff: float) -> None:
+        while self.entries and self.entries[0][1] < cutoff:
+            self.entries.popleft()
+
+
 class SamplingService:
     def __init__(self, config: ClusterConfig, workers: WorkerPool, futures: FutureStore, store: StateStore):
         self.config = config
@@ -54,6 +89,10 @@ class SamplingService:
         self.adapters: dict[str, _Adapter] = {}  # loaded on every engine
         self._requests: dict[tuple[str, int], tuple[float, SubmitResp]] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._running: dict[str, EngineHandle] = {}  # request_id -> the engine computing it
+        self._logs: dict[tuple[str, int], _CompletionLog] = {}
+        self._log_of: dict[str, tuple[str, int]] = {}  # pending request_id -> its log's key
+        self._cursor = int(time.time() * 1e6)
 
     # -- sessions -----------------------------------------------------------------------
 
@@ -62,6 +101,7 @@ class SamplingService:
         sampling_session_id = f"{session_id}:sample:{seq}"
         self.sessions[sampling_session_id] = SamplingSession(
             sampling_session_id, session_id, base_model, adapter_id, model_path)
+        self.store.add_sampler(sampling_session_id, session_id, base_model, adapter_id, model_path)
         return sampling_session_id
 
     async def create_session(self, req: CreateSamplingSessionReq) -> str:
@@ -79,12 +119,16 @@ class SamplingService:
         return self.add_session(req.session_id, req.sampling_session_seq_id, self.config.model.name,
                                 adapter_id, req.model_path)
 
-    async def _adapter_for_path(self, model_path: str, session_id: str) -> str:
+    def _sampler_checkpoint(self, model_path: str) -> dict:
         if "/sampler_weights/" not in model_path:
             raise ApiError(400, f"can only sample from sampler_weights checkpoints, got {model_path!r}")
         checkpoint = self.store.checkpoint(model_path)
         if checkpoint is None:
             raise ApiError(404, f"no checkpoint at {model_path!r}")
+        return checkpoint
+
+    async def _adapter_for_path(self, model_path: str, session_id: str) -> str:
+        checkpoint = self._sampler_checkpoint(model_path)
         if model_path not in self.adapters:
             await self._load_from_disk(model_path, checkpoint["directory"])
             self.adapter_loaded(model_path, owner_session=session_id, disk_path=checkpoint["directory"])
@@ -98,14 +142,42 @@ class SamplingService:
 
     def session_info(self, sampling_session_id: str) -> SamplingSession:
         session = self.sessions.get(sampling_session_id)
-        if session is None:
+        return session if session is not None else self._restore(sampling_session_id)
+
+    def _restore(self, sampling_session_id: str) -> SamplingSession:
+        """A sampling session recorded before this controller started (or since finished)."""
+        row = self.store.sampler(sampling_session_id)
+        if row is None:
             raise ApiError(404, f"unknown sampling session {sampling_session_id!r}")
+        owner = self.store.session(row["session_id"])
+        if owner is None or owner["finished"] is not None:
+            raise ApiError(410, f"sampling session {sampling_session_id!r} is gone: its session "
+                                f"{row['session_id']} has finished; create a new sampling client")
+        if row["adapter_id"] is not None and row["model_path"] is None:
+            raise ApiError(410, f"sampling session {sampling_session_id!r} sampled in-memory weights that did not "
+                                "survive a server restart; save the weights again and create a new sampling client")
+        if row["model_path"] is not None:  # engines load it on first use (the 410 path of _sample)
+            checkpoint = self._sampler_checkpoint(row["model_path"])
+            self.adapter_loaded(row["model_path"], owner_session=row["session_id"], disk_path=checkpoint["directory"])
+        session = SamplingSession(sampling_session_id, row["session_id"], row["base_model"], row["adapter_id"],
+                                  row["model_path"])
+        self.sessions[sampling_session_id] = session
+        log.info("restored sampling session %s from the database", sampling_session_id)
         return session
+
+    def sampler_record(self, sampler_id: str) -> dict:
+        """What GET samplers/{id} reports, for any sampling session ever created."""
+        row = self.store.sampler(sampler_id)
+        if row is None:
+            raise ApiError(404, f"unknown sampler {sampler_id!r}")
+        return row
 
     async def release_session(self, session_id: str) -> None:
         """Forget a finished session's sampling sessions and unload its ephemeral adapters."""
         for sid in [s for s, v in self.sessions.items() if v.session_id == session_id]:
             del self.sessions[sid]
+            for key in [k for k in self._logs if k[0] == sid]:
+                del self._logs[key]
         ephemeral = [a for a, v in self.adapters.items() if v.owner_session == session_id and not v.disk_path]
         for adapter_id in ephemeral:
             del self.adapters[adapter_id]
@@ -125,36 +197,92 @@ class SamplingService:
         resp = SubmitResp(request_id=request_id, sample_sequence_ids=[
             f"{req.sampling_session_id}:{req.seq_id}:{i}" for i in range(req.num_samples)])
         self._requests[key] = (time.monotonic(), resp)
+        self._log_of[request_id] = (req.sampling_session_id, req.seq_id // CLONE_SEQ_STRIDE)
         engine_req = EngineSampleReq(
-            adapter_id=session.adapter_id, prompt_tokens=req.prompt_tokens, num_samples=req.num_samples,
-            params=req.params, prompt_logprobs=req.prompt_logprobs, topk_prompt_logprobs=req.topk_prompt_logprobs)
+            adapter_id=session.adapter_id, request_id=request_id, prompt_tokens=req.prompt_tokens,
+            num_samples=req.num_samples, params=req.params, prompt_logprobs=req.prompt_logprobs,
+            topk_prompt_logprobs=req.topk_prompt_logprobs)
         task = asyncio.get_running_loop().create_task(self._sample(request_id, engine_req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return resp
 
+    async def _on_engine(self, request_id: str, engine_req: EngineSampleReq):
+        engine = self.workers.least_busy_engine()
+        self._running[request_id] = engine
+        return await self.workers.engine_call(engine_req, engine)
+
     async def _sample(self, request_id: str, engine_req: EngineSampleReq) -> None:
         try:
             try:
-                resp = await self.workers.engine_call(engine_req)
+                resp = await self._on_engine(request_id, engine_req)
             except RemoteError as exc:
                 adapter = self.adapters.get(engine_req.adapter_id or "")
                 if exc.status != 410 or adapter is None or not adapter.disk_path:
                     raise
-                # an engine evicted this snapshot to make room; it is on disk, so reload it
+                # an engine evicted this snapshot (or never had it: a restored session); reload it from disk
                 await self._load_from_disk(engine_req.adapter_id, adapter.disk_path)
-                resp = await self.workers.engine_call(engine_req)
+                resp = await self._on_engine(request_id, engine_req)
         except RemoteError as exc:
-            self.futures.fail(request_id, exc.detail, category_for(exc.status))
+            self._settle(request_id, error=exc.detail, category=category_for(exc.status))
         except WorkerFailure as exc:
-            self.futures.fail(request_id, str(exc), "server")
+            self._settle(request_id, error=str(exc), category="server")
         except Exception as exc:
             log.exception("sample failed")
-            self.futures.fail(request_id, f"internal error: {exc}", "server")
+            self._settle(request_id, error=f"internal error: {exc}", category="server")
         else:
-            self.futures.resolve(request_id, resp.result)
+            self._settle(request_id, result=resp.result)
+        finally:
+            self._running.pop(request_id, None)
+
+    def _settle(self, request_id: str, result=None, error: str = "", category: str = "server") -> None:
+        if not self.futures.is_pending(request_id):
+            return  # cancelled meanwhile
+        if error:
+            self.futures.fail(request_id, error, category)
+        else:
+            self.futures.resolve(request_id, result)
+        key = self._log_of.pop(request_id, None)
+        if key is not None:
+            self._cursor += 1
+            state = "failed" if error else "finished"
+            self._logs.setdefault(key, _CompletionLog()).add(self._cursor, FutureCompletion(request_id=request_id,
+                                                                                         state=state))
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a pending sample: its future fails at once, its engine drops the work."""
+        if self.futures.kind(request_id) != "sample":
+            raise ApiError(400, f"{request_id!r} is not a sample request; only samples can be cancelled")
+        if not self.futures.is_pending(request_id):
+            return False
+        self._settle(request_id, error="the sample was cancelled by the client", category="user")
+        engine = self._running.get(request_id)
+        if engine is not None:
+            try:
+                await self.workers.engine_call(EngineCancelSampleReq(request_id=request_id), engine)
+            except (RemoteError, WorkerFailure) as exc:
+                log.warning("engine %d could not cancel %s: %s", engine.index, request_id, exc)
+        return True
+
+    async def retrieve_completions(self, req: RetrieveFuturesReq) -> RetrieveFuturesResp:
+        key = (req.sampling_session_id, req.cloned_sampler_id)
+        completions = self._logs.get(key)
+        if completions is None:
+            self.session_info(req.sampling_session_id)  # 404 / 410 for a session that is not there
+            completions = self._logs.setdefault(key, _CompletionLog())
+        completions.ack(req.prev_cursor)
+        if not completions.after(req.prev_cursor) and req.wait_s > 0:
+            try:
+                await asyncio.wait_for(completions.changed.wait(), timeout=req.wait_s)
+            except asyncio.TimeoutError:
+                pass
+        found = completions.after(req.prev_cursor)
+        return RetrieveFuturesResp(completions=[done for _, done in found],
+                                   cursor=found[-1][0] if found else req.prev_cursor)
 
     def sweep(self) -> None:
         cutoff = time.monotonic() - _REQUEST_MEMORY_S
         for key in [k for k, (t, _) in self._requests.items() if t < cutoff]:
             del self._requests[key]
+        for completions in self._logs.values():  # a poller that stopped acknowledging
+            completions.forget_older_than(cutoff)

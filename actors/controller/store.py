@@ -1,7 +1,14 @@
-"""SQLite record of sessions, training runs and checkpoints (the state dir's database).
+"""SQLite record of sessions, training runs, checkpoints, samplers and futures (the state dir's database).
 
-The controller writes through on every change; rows are small and writes are rare
-compared with training steps, so plain sqlite3 on the event loop thread is fine.
+The controller writes through on every change, so a restarted controller (same state
+dir) still lists every run and checkpoint, serves checkpoints written before, and
+answers `retrieve_future` for futures settled before. Rows are small and writes rare
+next to training steps, so plain sqlite3 on the event loop thread is fine (WAL,
+synchronous=NORMAL: a crash of the process loses nothing, a power cut at most the
+last commits). Times are unix seconds.
+
+A checkpoint whose `expires_at` has passed is invisible at once (every read filters
+it out); the controller's periodic sweep then deletes its files and its row.
 """
 
 from __future__ import annotations
@@ -40,24 +47,101 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     size_bytes INTEGER NOT NULL,
     created REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS samplers (
+    sampler_id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    adapter_id TEXT,
+    model_path TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS futures (
+    request_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    result BLOB,
+    error TEXT,
+    category TEXT,
+    created REAL NOT NULL,
+    settled REAL
+);
+CREATE TABLE IF NOT EXISTS download_tokens (
+    token TEXT PRIMARY KEY,
+    tinker_path TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoints_by_model ON checkpoints(model_id, created);
+CREATE INDEX IF NOT EXISTS runs_by_session ON training_runs(session_id);
+CREATE INDEX IF NOT EXISTS samplers_by_session ON samplers(session_id);
+CREATE INDEX IF NOT EXISTS futures_by_settled ON futures(settled);
 """
+
+# columns added after the first release: added to an older database on open
+_ADDED_COLUMNS = {
+    "sessions": {"display_name": "TEXT", "owner": "TEXT NOT NULL DEFAULT ''"},
+    "checkpoints": {"public": "INTEGER NOT NULL DEFAULT 0", "expires_at": "REAL",
+                    "user_metadata": "TEXT NOT NULL DEFAULT '{}'"},
+}
+_LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
 class StateStore:
     def __init__(self, path: str | Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), isolation_level=None)  # autocommit
+        self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
+        self._migrate()
 
-    def add_session(self, session_id: str, tags: list[str], user_metadata: dict, sdk_version: str) -> None:
+    def _migrate(self) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, decl in columns.items():
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+    def _one(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
+        row = self.db.execute(sql, args).fetchone()
+        return dict(row) if row else None
+
+    def _all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        return [dict(row) for row in self.db.execute(sql, args)]
+
+    def _count(self, sql: str, args: tuple = ()) -> int:
+        return int(self.db.execute(sql, args).fetchone()[0])
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def add_session(self, session_id: str, tags: list[str], user_metadata: dict, sdk_version: str,
+                    display_name: str | None = None, owner: str = "") -> None:
         self.db.execute(
-            "INSERT INTO sessions(session_id, created, tags, user_metadata, sdk_version) VALUES (?,?,?,?,?)",
-            (session_id, time.time(), json.dumps(tags), json.dumps(user_metadata), sdk_version))
+            "INSERT INTO sessions(session_id, created, tags, user_metadata, sdk_version, display_name, owner)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (session_id, time.time(), json.dumps(tags), json.dumps(user_metadata), sdk_version, display_name,
+             owner))
 
     def finish_session(self, session_id: str, reason: str) -> None:
         self.db.execute("UPDATE sessions SET finished=?, finish_reason=? WHERE session_id=? AND finished IS NULL",
                         (time.time(), reason, session_id))
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM sessions WHERE session_id=?", (session_id,))
+        if row:
+            row["user_metadata"] = json.loads(row["user_metadata"])
+        return row
+
+    def sessions(self, limit: int, offset: int) -> tuple[list[str], int]:
+        """Session ids, newest first, and how many there are in all."""
+        rows = self.db.execute("SELECT session_id FROM sessions ORDER BY created DESC, session_id LIMIT ? OFFSET ?",
+                               (limit, offset))
+        return [r[0] for r in rows], self._count("SELECT COUNT(*) FROM sessions")
+
+    def unfinished_sessions(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT session_id FROM sessions WHERE finished IS NULL")]
+
+    # -- training runs --------------------------------------------------------------------
 
     def add_training_run(self, model_id: str, session_id: str, base_model: str, lora: dict,
                          user_metadata: dict) -> None:
@@ -72,15 +156,131 @@ class StateStore:
     def touch_training_run(self, model_id: str) -> None:
         self.db.execute("UPDATE training_runs SET last_request=? WHERE model_id=?", (time.time(), model_id))
 
+    def forget_training_run(self, model_id: str) -> None:
+        """A run whose creation failed: it never existed."""
+        self.db.execute("DELETE FROM training_runs WHERE model_id=?", (model_id,))
+
+    @staticmethod
+    def _run_row(row: dict[str, Any]) -> dict[str, Any]:
+        row["lora"] = json.loads(row["lora"])
+        row["user_metadata"] = json.loads(row["user_metadata"])
+        return row
+
+    def training_run(self, model_id: str) -> dict[str, Any] | None:
+        """The run joined with its session's owner and finish state."""
+        row = self._one("SELECT r.*, s.owner, s.finished AS session_finished, s.finish_reason"
+                        " FROM training_runs r LEFT JOIN sessions s USING (session_id) WHERE r.model_id=?",
+                        (model_id,))
+        return self._run_row(row) if row else None
+
+    def training_runs(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        rows = self._all("SELECT r.*, s.owner, s.finished AS session_finished, s.finish_reason"
+                         " FROM training_runs r LEFT JOIN sessions s USING (session_id)"
+                         " ORDER BY r.created DESC, r.model_id LIMIT ? OFFSET ?", (limit, offset))
+        return [self._run_row(r) for r in rows], self._count("SELECT COUNT(*) FROM training_runs")
+
+    def training_run_ids(self, session_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT model_id FROM training_runs WHERE session_id=? ORDER BY created", (session_id,))]
+
+    # -- checkpoints ----------------------------------------------------------------------
+
     def add_checkpoint(self, tinker_path: str, model_id: str, kind: str, name: str, directory: str,
-                       size_bytes: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?)",
-                        (tinker_path, model_id, kind, name, directory, size_bytes, time.time()))
+                       size_bytes: int, expires_at: float | None = None,
+                       user_metadata: dict[str, str] | None = None) -> None:
+        """Record a checkpoint (replacing one at the same path: a fresh row, not public)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO checkpoints(tinker_path, model_id, kind, name, directory, size_bytes, created,"
+            " public, expires_at, user_metadata) VALUES (?,?,?,?,?,?,?,0,?,?)",
+            (tinker_path, model_id, kind, name, directory, size_bytes, time.time(), expires_at,
+             json.dumps(user_metadata or {})))
+
+    @staticmethod
+    def _checkpoint_row(row: dict[str, Any]) -> dict[str, Any]:
+        row["public"] = bool(row["public"])
+        row["user_metadata"] = json.loads(row["user_metadata"])
+        return row
 
     def checkpoint(self, tinker_path: str) -> dict[str, Any] | None:
-        cur = self.db.execute("SELECT * FROM checkpoints WHERE tinker_path=?", (tinker_path,))
-        row = cur.fetchone()
-        return dict(zip([c[0] for c in cur.description], row)) if row else None
+        """The live (unexpired) checkpoint at tinker_path."""
+        row = self._one(f"SELECT * FROM checkpoints WHERE tinker_path=? AND {_LIVE}", (tinker_path, time.time()))
+        return self._checkpoint_row(row) if row else None
+
+    def checkpoints(self, model_id: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """Live checkpoints, of one run or of all, newest first; and how many there are in all."""
+        where, args = (f"model_id=? AND {_LIVE}", (model_id, time.time())) if model_id else (_LIVE, (time.time(),))
+        rows = self._all(f"SELECT * FROM checkpoints WHERE {where} ORDER BY created DESC, tinker_path"
+                         " LIMIT ? OFFSET ?", (*args, limit, offset))
+        return [self._checkpoint_row(r) for r in rows], self._count(f"SELECT COUNT(*) FROM checkpoints WHERE {where}",
+                                                                    args)
+
+    def latest_checkpoint(self, model_id: str, kind: str) -> dict[str, Any] | None:
+        row = self._one(f"SELECT * FROM checkpoints WHERE model_id=? AND kind=? AND {_LIVE}"
+                        " ORDER BY created DESC LIMIT 1", (model_id, kind, time.time()))
+        return self._checkpoint_row(row) if row else None
+
+    def expired_checkpoints(self) -> list[dict[str, Any]]:
+        return [self._checkpoint_row(r) for r in self._all(
+            "SELECT * FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),))]
+
+    def delete_checkpoint(self, tinker_path: str) -> None:
+        self.db.execute("DELETE FROM checkpoints WHERE tinker_path=?", (tinker_path,))
+        self.db.execute("DELETE FROM download_tokens WHERE tinker_path=?", (tinker_path,))
+
+    def set_checkpoint_public(self, tinker_path: str, public: bool) -> None:
+        self.db.execute("UPDATE checkpoints SET public=? WHERE tinker_path=?", (int(public), tinker_path))
+
+    def set_checkpoint_expiry(self, tinker_path: str, expires_at: float | None) -> None:
+        self.db.execute("UPDATE checkpoints SET expires_at=? WHERE tinker_path=?", (expires_at, tinker_path))
+
+    # -- download tokens (external_weights_urls) -----------------------------------------
+
+    def add_download_token(self, token: str, tinker_path: str, expires: float) -> None:
+        self.db.execute("INSERT INTO download_tokens VALUES (?,?,?)", (token, tinker_path, expires))
+
+    def download_token(self, token: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM download_tokens WHERE token=? AND expires > ?", (token, time.time()))
+
+    def delete_expired_tokens(self) -> None:
+        self.db.execute("DELETE FROM download_tokens WHERE expires <= ?", (time.time(),))
+
+    # -- samplers (sampling sessions) -----------------------------------------------------
+
+    def add_sampler(self, sampler_id: str, session_id: str, base_model: str, adapter_id: str | None,
+                    model_path: str | None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO samplers VALUES (?,?,?,?,?,?)",
+                        (sampler_id, session_id, base_model, adapter_id, model_path, time.time()))
+
+    def sampler(self, sampler_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM samplers WHERE sampler_id=?", (sampler_id,))
+
+    def sampler_ids(self, session_id: str) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT sampler_id FROM samplers WHERE session_id=? ORDER BY created", (session_id,))]
+
+    # -- futures --------------------------------------------------------------------------
+
+    def add_future(self, request_id: str, kind: str) -> None:
+        self.db.execute("INSERT INTO futures(request_id, kind, state, created) VALUES (?,?,'pending',?)",
+                        (request_id, kind, time.time()))
+
+    def settle_future(self, request_id: str, state: str, result: bytes | None = None, error: str = "",
+                      category: str = "") -> None:
+        """state: "done" (with the result, an encode_blob) or "error" (with error and category)."""
+        self.db.execute("UPDATE futures SET state=?, result=?, error=?, category=?, settled=? WHERE request_id=?",
+                        (state, result, error, category, time.time(), request_id))
+
+    def future(self, request_id: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM futures WHERE request_id=?", (request_id,))
+
+    def fail_pending_futures(self, error: str, category: str) -> int:
+        """Settle every future still pending (their work died with the previous controller)."""
+        cur = self.db.execute("UPDATE futures SET state='error', error=?, category=?, settled=? WHERE state='pending'",
+                              (error, category, time.time()))
+        return cur.rowcount
+
+    def delete_futures_settled_before(self, cutoff: float) -> int:
+        return self.db.execute("DELETE FROM futures WHERE settled IS NOT NULL AND settled < ?", (cutoff,)).rowcount
 
     def close(self) -> None:
         self.db.close()

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.controller.checkpoints import expiry_for
 from actors.controller.errors import ApiError, category_for
 from actors.controller.futures import FutureStore
 from actors.controller.ledger import SeqLedger
@@ -27,7 +28,7 @@ from actors.controller.workers import WorkerFailure, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
     CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, LoadWeightsReq, OptimStepReq,
-    SaveWeightsForSamplerReq, SaveWeightsReq, SubmitResp, TrainerCreateAdapterReq, TrainerDropAdapterReq,
+    SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq, SubmitResp, TrainerCreateAdapterReq, TrainerDropAdapterReq,
     TrainerForwardBackwardReq, TrainerLoadStateReq, TrainerOptimStepReq, TrainerPushAdapterReq,
     TrainerSaveStateReq,
 )
@@ -83,8 +84,9 @@ def merge_metrics(shards: list[tuple[dict[str, float], int]]) -> dict[str, float
 
 class TrainingService:
     def __init__(self, config: ClusterConfig, workers: WorkerPool, futures: FutureStore,
-                 store: StateStore, sampling):
+                 store: StateStore, sampling, started_at: float):
         self.config = config
+        self.started_at = started_at  # unix time this controller started: older runs lost their adapters
         self.workers = workers
         self.futures = futures
         self.store = store
@@ -98,8 +100,24 @@ class TrainingService:
     def run_for(self, model_id: str) -> TrainingRun:
         run = self.runs.get(model_id)
         if run is None:
-            raise ApiError(404, f"unknown model_id {model_id!r}")
+            raise self._gone(model_id)
         return run
+
+    def _gone(self, model_id: str) -> ApiError:
+        """Why there is no live run for model_id: never was, the server restarted, or its session ended."""
+        row = self.store.training_run(model_id)
+        if row is None:
+            return ApiError(404, f"unknown model_id {model_id!r}")
+        hint = "resume from a checkpoint with ServiceClient.create_training_client_from_state(<tinker path>)"
+        latest = self.store.latest_checkpoint(model_id, "weights")
+        hint += f"; its latest training checkpoint is {latest['tinker_path']}" if latest else \
+            " (this run saved no training checkpoint)"
+        if row["created"] < self.started_at:
+            return ApiError(410, f"model {model_id!r} is gone: the server restarted after it was created, and a "
+                                 f"run's adapter lives in memory only; {hint}")
+        reason = row["finish_reason"] or "finished"
+        why = "expired (no heartbeat)" if reason == "expired" else f"finished ({reason})"
+        return ApiError(410, f"model {model_id!r} is gone: its session {row['session_id']} {why}; {hint}")
 
     def create(self, req: CreateModelReq) -> SubmitResp:
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
@@ -118,7 +136,7 @@ class TrainingService:
         if model_id in self.runs:
             return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
         self._loadable_checkpoint(req)
-        run = self._new_run(model_id, req.session_id, None, {})
+        run = self._new_run(model_id, req.session_id, None, req.user_metadata)
         self._queue.put_nowait(_Op(run, run.create_request_id, req))
         return SubmitResp(request_id=run.create_request_id, model_id=model_id)
 
@@ -134,7 +152,7 @@ class TrainingService:
         return run
 
     def submit(self, req: ForwardBackwardReq | OptimStepReq | SaveWeightsForSamplerReq | SaveWeightsReq
-               | LoadWeightsReq) -> SubmitResp:
+               | SaveWeightsExternalReq | LoadWeightsReq) -> SubmitResp:
         run = self.run_for(req.model_id)
         existing = run.ledger.known_request(req.seq_id)
         if existing is not None:
@@ -158,6 +176,9 @@ class TrainingService:
         elif isinstance(req, SaveWeightsReq):
             self._check_name(req.name)
             self._check_not_saved(self._weights_path(run, req.name), req.overwrite)
+        elif isinstance(req, SaveWeightsExternalReq):
+            self._check_name(req.name)
+            self._check_not_saved(self._external_path(run, req.name), overwrite=False)
         elif isinstance(req, LoadWeightsReq):
             self._loadable_checkpoint(req)
 
@@ -223,6 +244,10 @@ class TrainingService:
     def _weights_path(run: TrainingRun, name: str) -> str:
         return f"tinker://{run.model_id}/weights/{name}"
 
+    @staticmethod
+    def _external_path(run: TrainingRun, name: str) -> str:
+        return f"tinker://{run.model_id}/external_weights/{name}"
+
     def _checkpoint_dir(self, run: TrainingRun, kind: str, name: str) -> str:
         return str(self.config.checkpoint_dir / run.model_id / kind / name)
 
@@ -250,6 +275,7 @@ class TrainingService:
             # a model that never came to be: forget it and give its slot back
             del self.runs[op.run.model_id]
             self.free_slots.append(op.run.slot)
+            self.store.forget_training_run(op.run.model_id)
 
     async def execute_CreateModelReq(self, run: TrainingRun, req: CreateModelReq) -> JsonResult:
         await self.workers.trainer_broadcast(lambda: TrainerCreateAdapterReq(slot=run.slot, lora=run.lora))
@@ -287,7 +313,7 @@ class TrainingService:
         self.sampling.adapter_loaded(adapter_id, owner_session=run.session_id, disk_path=save_dir)
         if req.name is not None:
             self.store.add_checkpoint(adapter_id, run.model_id, "sampler_weights", req.name, save_dir,
-                                      replies[0].size_bytes)
+                                      replies[0].size_bytes, expiry_for(req.ttl_seconds), req.user_metadata)
             return JsonResult(payload={"path": adapter_id})
         sampling_session_id = self.sampling.add_session(
             run.session_id, req.sampling_session_seq_id, run.base_model, adapter_id, model_path=None)
@@ -299,8 +325,20 @@ class TrainingService:
         directory = self._checkpoint_dir(run, "weights", req.name)
         replies = await self.workers.trainer_broadcast(
             lambda: TrainerSaveStateReq(slot=run.slot, directory=directory, with_optimizer=True))
-        self.store.add_checkpoint(path, run.model_id, "weights", req.name, directory, replies[0].size_bytes)
+        self.store.add_checkpoint(path, run.model_id, "weights", req.name, directory, replies[0].size_bytes,
+                                  expiry_for(req.ttl_seconds), req.user_metadata)
         return JsonResult(payload={"path": path})
+
+    async def execute_SaveWeightsExternalReq(self, run: TrainingRun, req: SaveWeightsExternalReq) -> JsonResult:
+        """The adapter alone in Hugging Face PEFT form (adapter_model.safetensors + adapter_config.json)."""
+        path = self._external_path(run, req.name)
+        self._check_not_saved(path, overwrite=False)
+        directory = self._checkpoint_dir(run, "external_weights", req.name)
+        replies = await self.workers.trainer_broadcast(lambda: TrainerPushAdapterReq(
+            slot=run.slot, adapter_id=path, engine_addresses=[], save_dir=directory))
+        self.store.add_checkpoint(path, run.model_id, "external_weights", req.name, directory,
+                                  replies[0].size_bytes, expiry_for(req.ttl_seconds))
+        return JsonResult(payload={"path": path, "size_bytes": replies[0].size_bytes})
 
     async def execute_LoadWeightsReq(self, run: TrainingRun, req: LoadWeightsReq) -> JsonResult:
         checkpoint = self._loadable_checkpoint(req)

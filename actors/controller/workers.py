@@ -101,10 +101,14 @@ class WorkerPool:
     def engine_weights_addresses(self) -> list[str]:
         return [self.engines[i].weights_address for i in sorted(self.engines)]
 
+    def least_busy_engine(self) -> EngineHandle:
+        self._check_alive()
+        return min(self.engines.values(), key=lambda e: (e.in_flight, e.index))
+
     async def engine_call(self, req: Any, engine: EngineHandle | None = None) -> Any:
         """Send one request to `engine`, or to the engine with the fewest in flight."""
         self._check_alive()
-        engine = engine or min(self.engines.values(), key=lambda e: (e.in_flight, e.index))
+        engine = engine or self.least_busy_engine()
         engine.in_flight += 1
         try:
             return await self.peer.call(engine.identity, req)

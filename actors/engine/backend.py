@@ -222,6 +222,19 @@ class TorchEngineBackend:
             self._release(request)
         return sorted(requests)
 
+    def abort(self, ticket: int) -> bool:
+        """Drop one queued or running request (a cancelled sample); False if it is not here."""
+        request = self._active.pop(ticket, None)
+        if request is None:
+            return False
+        self._queue = deque(r for r in self._queue if r is not request)
+        keep = [i for i, row in enumerate(self._rows) if row.request is not request]
+        if len(keep) < len(self._rows):
+            self._rows = [self._rows[i] for i in keep]
+            self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
+        self._release(request)
+        return True
+
     def _prepare(self, req: EngineSampleReq) -> _Request:
         self._validate(req)
         slot = self.adapters.slot_for(req.adapter_id)

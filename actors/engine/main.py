@@ -36,6 +36,8 @@ from actors.engine.backend import TorchEngineBackend
 from cluster.codec import CodecError
 from cluster.config import ClusterConfig
 from cluster.messages import (
+    EngineCancelSampleReq,
+    EngineCancelSampleResp,
     EngineLoadAdapterFromDiskReq,
     EngineLoadAdapterReq,
     EngineLoadAdapterResp,
@@ -81,6 +83,7 @@ class EngineWorker:
         self.deferred_loads: list[tuple[_Origin, Any]] = []
         self.handlers: dict[type, Callable[[Any, _Origin], Any]] = {
             EngineSampleReq: self.handle_EngineSampleReq,
+            EngineCancelSampleReq: self.handle_EngineCancelSampleReq,
             EngineLoadAdapterReq: self.handle_EngineLoadAdapterReq,
             EngineLoadAdapterFromDiskReq: self.handle_EngineLoadAdapterFromDiskReq,
             EngineUnloadAdapterReq: self.handle_EngineUnloadAdapterReq,
@@ -200,6 +203,16 @@ class EngineWorker:
         ticket = self.backend.submit(req)
         self.waiting[ticket] = (origin, req)
         return None  # answered by _step when its samples are done
+
+    def handle_EngineCancelSampleReq(self, req: EngineCancelSampleReq, origin: _Origin) -> EngineCancelSampleResp:
+        """Stop a sample request's work; the request itself is answered with a 499 ErrorResp."""
+        ticket = next((t for t, (_, sample) in self.waiting.items()
+                       if req.request_id and sample.request_id == req.request_id), None)
+        if ticket is None or not self.backend.abort(ticket):
+            return EngineCancelSampleResp(cancelled=False)  # finished (and answered) already
+        sample_origin, sample = self.waiting.pop(ticket)
+        self._reply(sample_origin, sample, ErrorResp(status=499, detail="the sample was cancelled"))
+        return EngineCancelSampleResp(cancelled=True)
 
     def handle_EngineLoadAdapterReq(self, req: EngineLoadAdapterReq, origin: _Origin) -> EngineLoadAdapterResp:
         self.backend.load_adapter(req.adapter_id, req.lora, req.tensors)

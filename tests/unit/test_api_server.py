@@ -86,9 +86,10 @@ def test_auth_config_and_health(tmp_path):
             await expect_error(await http.post("/api/v1/create_session", json={},
                                                headers={"x-api-key": "sk-nope"}), 401)
             await expect_error(await http.get("/api/v1/healthz"), 503)  # no workers: not ready
-            assert await (await http.post("/api/v1/client/config", json={}, headers=KEY)).json() == {}
+            config = await (await http.post("/api/v1/client/config", json={}, headers=KEY)).json()
+            assert config == {"sample_use_retrieve_futures": True}
             dynamic = await (await http.post("/api/v1/client/dynamic_config", json={}, headers=KEY)).json()
-            assert dynamic["sample_cancel_enabled"] is False
+            assert dynamic["sample_cancel_enabled"] is True
             telemetry = await http.post("/api/v1/telemetry", json={"events": []}, headers=KEY)
             assert await telemetry.json() == {"status": "accepted"}
             capabilities = await (await http.get("/api/v1/get_server_capabilities", headers=KEY)).json()

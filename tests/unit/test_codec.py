@@ -59,3 +59,19 @@ def test_object_arrays_and_unknown_types_are_refused():
         encode(ErrorResp(detail=np.array([object()])))
     with pytest.raises(CodecError):
         encode(ErrorResp(detail=object()))
+
+
+def test_a_message_stored_as_one_blob_comes_back_whole():
+    from cluster.codec import decode_blob, encode_blob
+
+    result = SampleResult(sequences=[SampledSequence(tokens=np.arange(5, dtype=np.int32),
+                                                     logprobs=np.linspace(-1, 0, 5, dtype=np.float32))],
+                          prompt_logprobs=np.array([np.nan, -0.5], dtype=np.float32))
+    blob = encode_blob(result)
+    out = decode_blob(blob)
+    assert out.sequences[0].tokens.tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(out.sequences[0].logprobs, result.sequences[0].logprobs)
+    np.testing.assert_array_equal(out.prompt_logprobs, result.prompt_logprobs)
+    for broken in (blob[:3], blob[:-1], blob + b"x"):
+        with pytest.raises(CodecError):
+            decode_blob(broken)

@@ -179,6 +179,23 @@ def test_batched_mixed_lengths_and_adapters_equal_each_run_alone(backend):
     assert on_base.sequences[0].tokens.tolist() != together[1].sequences[0].tokens.tolist()  # adapters matter
 
 
+def test_abort_drops_one_request_queued_or_running_and_the_rest_finish_unchanged(backend):
+    requests = [_request(_prompt(backend, text), num_samples=2, max_tokens=12)
+                for text in ("hello there", "seven", "the quick brown fox")]
+    alone = [backend.generate([r])[0] for r in requests]
+    backend.max_batch_sequences = 4  # requests 0 and 1 run, request 2 waits in the queue
+    tickets = [backend.submit(r) for r in requests]
+    backend.step()
+    assert backend.abort(tickets[1])  # running: its rows leave the batch
+    assert backend.abort(tickets[2])  # queued: it never runs
+    assert not backend.abort(tickets[2])  # gone already
+    done = []
+    while backend.has_work():
+        done += backend.step()
+    assert [ticket for ticket, _ in done] == [tickets[0]]
+    assert [s.tokens.tolist() for s in done[0][1].sequences] == [s.tokens.tolist() for s in alone[0].sequences]
+
+
 # -- seeds ------------------------------------------------------------------------------
 
 

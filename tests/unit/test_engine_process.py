@@ -21,7 +21,7 @@ import zmq
 
 from cluster.config import ClusterConfig, ControllerConfig, EngineConfig, ModelConfig
 from cluster.messages import (
-    EngineLoadAdapterReq, EngineLoadAdapterResp, EngineSampleReq, EngineSampleResp, EngineUnloadAdapterReq,
+    EngineCancelSampleReq, EngineCancelSampleResp, EngineLoadAdapterReq, EngineLoadAdapterResp, EngineSampleReq, EngineSampleResp, EngineUnloadAdapterReq,
     EngineUnloadAdapterResp, ErrorResp, LoraSpec, SamplingParams, ShutdownEvent, WorkerFailedEvent,
     WorkerReadyEvent,
 )
@@ -142,6 +142,17 @@ def test_engine_serves_samples_adapters_and_shuts_down(engine, builtin_model_dir
     assert isinstance(_replies(controller, 1)[0], EngineUnloadAdapterResp)
     _send(controller, _sample("a"), ENGINE)
     assert _replies(controller, 1)[0].status == 410
+
+    # a cancelled sample is answered with a 499 at once, long before its 3000 tokens
+    long = _sample(None, max_tokens=3000)
+    long.request_id = "req-long"
+    long_id = _send(controller, long, ENGINE)
+    cancel_id = _send(controller, EngineCancelSampleReq(request_id="req-long"), ENGINE)
+    replies = {r.call_id: r for r in _replies(controller, 2)}
+    assert isinstance(replies[long_id], ErrorResp) and replies[long_id].status == 499
+    assert replies[cancel_id] == EngineCancelSampleResp(call_id=cancel_id, cancelled=True)
+    _send(controller, EngineCancelSampleReq(request_id="req-long"), ENGINE)
+    assert _replies(controller, 1)[0].cancelled is False
 
     controller.send(ShutdownEvent(), ENGINE)
     assert proc.wait(timeout=30) == 0

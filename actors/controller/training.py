@@ -14,7 +14,6 @@ import logging
 import random
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -42,6 +42,12 @@ class RunningCluster:
 
         return tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
 
+    def http_client(self, timeout_s: float = 60):
+        """Raw HTTP to /api/v1, for what the SDK would not send (bad input, ids we pick)."""
+        import httpx
+
+        return httpx.Client(base_url=self.base_url + "/api/v1", headers={"X-API-Key": API_KEY}, timeout=timeout_s)
+
 
 @contextlib.contextmanager
 def launch_cluster(state_dir: Path, models_dir: Path, *extra: str, timeout_s: float = 300):

@@ -7,14 +7,14 @@ import pytest
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
-from tests.e2e.conftest import API_KEY, BUILTIN_MODEL
+from tests.e2e.conftest import BUILTIN_MODEL
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def http(cluster):
-    with httpx.Client(base_url=cluster.base_url + "/api/v1", headers={"X-API-Key": API_KEY}, timeout=30) as client:
+    with cluster.http_client(timeout_s=30) as client:
         yield client
 
 

@@ -22,10 +22,6 @@ from tests.e2e.pig_latin import WORDS, sft_batch, train_steps
 pytestmark = pytest.mark.e2e
 
 
-def _http(cluster) -> httpx.Client:
-    return httpx.Client(base_url=cluster.base_url + "/api/v1", headers={"X-API-Key": API_KEY}, timeout=60)
-
-
 def _raw_sample(http: httpx.Client) -> tuple[str, list[int]]:
     """Sample through the JSON wire directly, so the request_id is in our hands."""
     session_id = http.post("/create_session", json={"sdk_version": "raw"}).json()["session_id"]
@@ -49,7 +45,7 @@ def test_a_whole_server_restart_keeps_runs_checkpoints_and_settled_futures(tmp_p
         state_path = tc.save_state("before-restart").result().path
         sampler_path = tc.save_weights_for_sampler("sampler-before-restart").result().path
         losses_before = train_steps(tc, data, steps=2, learning_rate=2e-3)
-        with _http(first) as http:
+        with first.http_client() as http:
             request_id, tokens = _raw_sample(http)
         sc.close("success").result()
 
@@ -58,7 +54,7 @@ def test_a_whole_server_restart_keeps_runs_checkpoints_and_settled_futures(tmp_p
         assert tc.model_id in [r.training_run_id for r in rest.list_training_runs(limit=100).result().training_runs]
         listed = {c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
         assert {state_path, sampler_path} <= listed
-        with _http(second) as http:
+        with second.http_client() as http:
             assert http.post("/retrieve_future", json={"request_id": request_id}).json()["sequences"][0][
                 "tokens"] == tokens
             gone = http.post("/get_info", json={"model_id": tc.model_id})
@@ -111,7 +107,7 @@ def test_a_session_without_heartbeats_expires_and_frees_its_slot(tmp_path, model
         sc = running.service_client()
         kept = sc.create_lora_training_client(base_model=BUILTIN_MODEL, rank=4).result()
         data = sft_batch(kept.get_tokenizer(), WORDS[:2])
-        with _http(running) as http:
+        with running.http_client() as http:
             # a raw client that never heartbeats takes the other slot
             session_id = http.post("/create_session", json={"sdk_version": "raw"}).json()["session_id"]
             created = http.post("/create_model", json={

@@ -12,7 +12,6 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 import tinker
 from safetensors.numpy import load
@@ -38,7 +37,7 @@ def rest(cluster):
 
 @pytest.fixture(scope="module")
 def http(cluster):
-    with httpx.Client(base_url=cluster.base_url + "/api/v1", headers={"X-API-Key": API_KEY}, timeout=60) as c:
+    with cluster.http_client() as c:
         yield c
 
 

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from api.errors import bad_request
+from api.errors import HttpError, bad_request
 from api.json_fields import JsonObject, parse_json_object
 from cluster.messages import (
     CheckpointInfo, DeleteCheckpointReq, ExternalWeightsUrlsReq, GetSessionReq, GetTrainingRunReq,
@@ -206,3 +206,28 @@ class RestHandlers:
 def is_open_path(path: str) -> bool:
     """Paths served without an API key (the download token is their credential)."""
     return path.startswith(DOWNLOAD_PREFIX)
+
+
+# Endpoints of SDK 0.38 that tinkerd does not serve. A 501 naming the reason beats a bare
+# 404: the caller learns it is a known gap, not a typo in its base_url.
+UNSERVED = {
+    ("POST", "/copy_weights"): "copying checkpoints into another project: tinkerd has no projects",
+    ("PUT", "/sessions/{session_id}/project"): "moving a session to a project: tinkerd has no projects",
+    ("POST", "/sessions/search"): "session search (experimental in the SDK); list them with GET /api/v1/sessions",
+    ("GET", "/sessions/{session_id}/trace_export"): "trace export: tinkerd records no traces",
+    ("POST", "/join_sampling_session"): "joining sampling sessions (client/config leaves it off)",
+    ("POST", "/create_custom_loss"): "server-side custom losses (client/config leaves them off); "
+                                      "forward_backward_custom computes custom losses client-side",
+    ("POST", "/auth/token"): "JWT sign-in: tinkerd checks X-API-Key directly",
+    ("GET", "/auth/apikey/me"): "API key management: keys come from --api-keys-file (or any tml- key)",
+    ("DELETE", "/auth/apikey/me"): "API key management: keys come from --api-keys-file (or any tml- key)",
+}
+
+
+def unserved_routes() -> list[web.RouteDef]:
+    def answer(reason: str):
+        async def not_implemented(request: web.Request) -> web.Response:
+            raise HttpError(501, f"{request.method} {request.path} is not served by tinkerd: {reason}")
+        return not_implemented
+
+    return [web.route(method, PREFIX + path, answer(reason)) for (method, path), reason in UNSERVED.items()]

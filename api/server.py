@@ -33,7 +33,7 @@ from api.json_requests import (
     finish_session_from_json, get_info_json, heartbeat_from_json, load_weights_from_json, optim_step_from_json,
     save_weights_external_from_json, save_weights_for_sampler_from_json, save_weights_from_json,
 )
-from api.rest import RestHandlers, is_open_path
+from api.rest import RestHandlers, is_open_path, unserved_routes
 from api.sampling import sample_request_from_json, sample_response_json, sample_response_proto
 from cluster.config import ClusterConfig
 from cluster.messages import (
@@ -316,7 +316,7 @@ def create_app(config: ClusterConfig, controller: AsyncPeer) -> web.Application:
     app = web.Application(middlewares=[errors_as_json, api_key_check(config.api.api_keys)],
                           client_max_size=MAX_BODY_BYTES)
     h = Handlers(config, controller)
-    app.add_routes(RestHandlers(h.call).routes())
+    app.add_routes(RestHandlers(h.call).routes() + unserved_routes())
     app.add_routes([
         web.post(f"{PREFIX}/client/config", h.client_config),
         web.post(f"{PREFIX}/client/dynamic_config", h.dynamic_config),

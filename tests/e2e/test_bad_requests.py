@@ -97,6 +97,13 @@ def test_bad_lora_rank_and_base_model_are_400(http, service_client):
     _assert_error(resp, 400, "no/such-model")
 
 
+def test_endpoints_tinkerd_does_not_serve_are_501_with_the_reason(http):
+    _assert_error(http.post("/copy_weights", json={"source_path": "tinker://x/weights/y"}), 501, "no projects")
+    _assert_error(http.post("/sessions/search", json={}), 501, "GET /api/v1/sessions")
+    _assert_error(http.get("/auth/apikey/me"), 501, "--api-keys-file")
+    _assert_error(http.post("/no_such_endpoint", json={}), 404, "no route")
+
+
 def test_unknown_future_is_404(http):
     _assert_error(http.post("/retrieve_future", json={"request_id": "req-nope"}), 404)
 

@@ -53,6 +53,11 @@ def _run_checkpoints(cli, run_id: str) -> dict[str, dict]:
     return {c["checkpoint_id"]: c for c in listed["checkpoints"]}
 
 
+def test_model_list_shows_the_served_model(cli):
+    models = json.loads(cli("model", "list").stdout)
+    assert BUILTIN_MODEL in json.dumps(models)
+
+
 def test_run_list_and_checkpoint_list_info(cli, saved):
     run_id, paths = saved
     runs = json.loads(cli("run", "list").stdout)["runs"]

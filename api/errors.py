@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
+from cluster.errors import StatusError
 
-class HttpError(Exception):
-    """Answered as `status` with the JSON body `{"detail": detail}`."""
 
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+class HttpError(StatusError):
+    """Raised by API code: answered as `status` with the JSON body `{"detail": detail}`."""
 
 
 def bad_request(detail: str) -> HttpError:

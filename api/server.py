@@ -41,7 +41,8 @@ from cluster.messages import (
     RetrieveFutureReq, RetrieveFuturesReq, SampleResult, SkipSeqReq, SubmitResp,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
-from cluster.transport import AsyncPeer, RemoteError
+from cluster.errors import StatusError
+from cluster.transport import AsyncPeer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     """Every failure answers `{"detail": …}`: the SDK retries an empty-bodied 400 silently."""
     try:
         return await handler(request)
-    except (HttpError, RemoteError) as exc:
+    except StatusError as exc:
         status, detail = exc.status, exc.detail
     except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
         status = exc.status
@@ -167,7 +168,7 @@ class Handlers:
     async def _skip_seq(self, model_id: str, seq_id: int, detail: str) -> None:
         try:
             await self.call(SkipSeqReq(model_id=model_id, seq_id=seq_id, detail=detail))
-        except (HttpError, RemoteError) as exc:
+        except StatusError as exc:
             log.warning("seq_id %d of %s was refused here, and the controller did not take the skip: %s",
                         seq_id, model_id, exc.detail)
 

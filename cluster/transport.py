@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import zmq
 import zmq.asyncio
 
+from cluster.errors import StatusError
 from cluster.codec import decode, encode
 from cluster.messages import ErrorResp
 
@@ -28,13 +29,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[bytes | None, Any], Awaitable[None] | None]
 
 
-class RemoteError(RuntimeError):
+class RemoteError(StatusError):
     """The other side answered a request with ErrorResp."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 def _is_reply(msg: Any) -> bool:

@@ -1,11 +1,11 @@
 """Errors a controller handler raises to answer a request with a status and a detail."""
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
+from cluster.errors import StatusError
+
+
+class ApiError(StatusError):
+    """Raised by a controller handler: answered to the API as ErrorResp."""
 
 
 def category_for(status: int) -> str:

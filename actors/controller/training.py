@@ -31,7 +31,7 @@ from cluster.messages import (
     TrainerForwardBackwardReq, TrainerLoadStateReq, TrainerOptimStepReq, TrainerPushAdapterReq,
     TrainerSaveStateReq,
 )
-from cluster.transport import RemoteError
+from cluster.errors import StatusError
 
 log = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -258,7 +258,7 @@ class TrainingService:
             handler = getattr(self, f"execute_{type(op.req).__name__}")
             try:
                 result = await handler(op.run, op.req)
-            except (ApiError, RemoteError) as exc:
+            except StatusError as exc:
                 self._failed(op, exc.detail, category_for(exc.status))
             except WorkerFailure as exc:
                 self._failed(op, str(exc), "server")

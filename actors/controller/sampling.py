@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from actors.controller.errors import ApiError, category_for
+from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
 from actors.controller.store import StateStore
 from actors.controller.workers import EngineHandle, WorkerFailure, WorkerPool
@@ -223,13 +223,9 @@ class SamplingService:
                 # an engine evicted this snapshot (or never had it: a restored session); reload it from disk
                 await self._load_from_disk(engine_req.adapter_id, adapter.disk_path)
                 resp = await self._on_engine(request_id, engine_req)
-        except RemoteError as exc:
-            self._settle(request_id, error=exc.detail, category=category_for(exc.status))
-        except WorkerFailure as exc:
-            self._settle(request_id, error=str(exc), category="server")
         except Exception as exc:
-            log.exception("sample failed")
-            self._settle(request_id, error=f"internal error: {exc}", category="server")
+            error, category = failure_of(exc, "sample")
+            self._settle(request_id, error=error, category=category)
         else:
             self._settle(request_id, result=resp.result)
         finally:

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 
 from actors.controller.checkpoints import expiry_for
-from actors.controller.errors import ApiError, category_for
+from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
 from actors.controller.ledger import SeqLedger
 from actors.controller.store import StateStore
-from actors.controller.workers import WorkerFailure, WorkerPool
+from actors.controller.workers import WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
     CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, LoadWeightsReq, OptimStepReq,
@@ -31,7 +31,6 @@ from cluster.messages import (
     TrainerForwardBackwardReq, TrainerLoadStateReq, TrainerOptimStepReq, TrainerPushAdapterReq,
     TrainerSaveStateReq,
 )
-from cluster.errors import StatusError
 
 log = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -258,13 +257,8 @@ class TrainingService:
             handler = getattr(self, f"execute_{type(op.req).__name__}")
             try:
                 result = await handler(op.run, op.req)
-            except StatusError as exc:
-                self._failed(op, exc.detail, category_for(exc.status))
-            except WorkerFailure as exc:
-                self._failed(op, str(exc), "server")
             except Exception as exc:
-                log.exception("%s failed", type(op.req).__name__)
-                self._failed(op, f"internal error: {exc}", "server")
+                self._failed(op, *failure_of(exc, type(op.req).__name__))
             else:
                 self.futures.resolve(op.request_id, result)
 

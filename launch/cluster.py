@@ -26,10 +26,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import ClusterConfig, ControllerConfig, ModelConfig
-from cluster.process import die_with_parent
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__" and not __package__:
+    # `python launch/cluster.py` puts launch/ first on sys.path, where this very file
+    # would shadow the `cluster` package; the repository root belongs there instead
+    sys.path[0] = str(REPO_ROOT)
+
+from cluster.config import ClusterConfig, ControllerConfig, ModelConfig  # noqa: E402
+from cluster.process import die_with_parent  # noqa: E402
 STARTUP_TIMEOUT_S = 600.0
 API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_WINDOW_S
 API_RESTART_WINDOW_S = 60.0

@@ -22,13 +22,13 @@ from cluster.messages import (
 _FINISH_REASONS = ("success", "errored", "interrupted")
 
 
-def create_session_from_json(body: JsonObject, owner: str) -> CreateSessionReq:
+def create_session_from_json(body: JsonObject) -> CreateSessionReq:
     tags = body.get_list("tags", [])
     if not all(isinstance(t, str) for t in tags):
         raise bad_request("tags must be a list of strings")
     return CreateSessionReq(tags=tags, user_metadata=body.get_object("user_metadata", JsonObject({}, "")).value,
                             sdk_version=body.get_str("sdk_version", ""),
-                            display_name=body.get_str("display_name", None), owner=owner)
+                            display_name=body.get_str("display_name", None))
 
 
 def _string_metadata(body: JsonObject) -> dict[str, str]:

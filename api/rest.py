@@ -24,9 +24,10 @@ from api.errors import HttpError, bad_request
 from api.json_fields import JsonObject, parse_json_object
 from cluster.messages import (
     CheckpointInfo, DeleteCheckpointReq, ExternalWeightsUrlsReq, GetSessionReq, GetTrainingRunReq,
-    ListCheckpointsReq, ListSessionsReq, ListTrainingRunsReq, ResolveDownloadReq, SetCheckpointPublicReq,
-    SetCheckpointTtlReq, TrainingRunInfo, WeightsInfoReq,
+    ListCheckpointsReq, ListSessionsReq, ListTrainingRunsReq, ReassignUserReq, ResolveDownloadReq,
+    SetCheckpointPublicReq, SetCheckpointTtlReq, TrainingRunInfo, WeightsInfoReq,
 )
+from cluster.users import check_user_name
 
 PREFIX = "/api/v1"
 DOWNLOAD_PREFIX = f"{PREFIX}/checkpoint_files/"  # open: the token in the URL is the credential
@@ -111,49 +112,50 @@ class RestHandlers:
     async def list_training_runs(self, request: web.Request) -> web.Response:
         _check_scope(request)
         limit, offset = _page(request, 20)
-        resp = await self.call(ListTrainingRunsReq(limit=limit, offset=offset))
+        resp = await self.call(request, ListTrainingRunsReq(limit=limit, offset=offset))
         return json_response({"training_runs": [training_run_json(r) for r in resp.runs],
                               "cursor": {"offset": offset, "limit": limit, "total_count": resp.total_count}})
 
     async def get_training_run(self, request: web.Request) -> web.Response:
         _check_scope(request)
-        resp = await self.call(GetTrainingRunReq(model_id=request.match_info["run_id"]))
+        resp = await self.call(request, GetTrainingRunReq(model_id=request.match_info["run_id"]))
         return json_response(training_run_json(resp.run))
 
     # -- checkpoints ----------------------------------------------------------------------
 
     async def list_run_checkpoints(self, request: web.Request) -> web.Response:
-        resp = await self.call(ListCheckpointsReq(model_id=request.match_info["run_id"], limit=2**31 - 1))
+        resp = await self.call(request, ListCheckpointsReq(model_id=request.match_info["run_id"], limit=2**31 - 1))
         return json_response({"checkpoints": [checkpoint_json(c) for c in resp.checkpoints]})
 
     async def list_user_checkpoints(self, request: web.Request) -> web.Response:
         limit, offset = _page(request, 100)
-        resp = await self.call(ListCheckpointsReq(limit=limit, offset=offset))
+        resp = await self.call(request, ListCheckpointsReq(limit=limit, offset=offset))
         return json_response({"checkpoints": [checkpoint_json(c) for c in resp.checkpoints],
                               "cursor": {"offset": offset, "limit": limit, "total_count": resp.total_count}})
 
     async def delete_checkpoint(self, request: web.Request) -> web.Response:
-        await self.call(DeleteCheckpointReq(tinker_path=self._tinker_path(request)))
+        await self.call(request, DeleteCheckpointReq(tinker_path=self._tinker_path(request)))
         return json_response({})
 
     async def publish(self, request: web.Request) -> web.Response:
-        await self.call(SetCheckpointPublicReq(tinker_path=self._tinker_path(request), public=True))
+        await self.call(request, SetCheckpointPublicReq(tinker_path=self._tinker_path(request), public=True))
         return json_response({})
 
     async def unpublish(self, request: web.Request) -> web.Response:
-        await self.call(SetCheckpointPublicReq(tinker_path=self._tinker_path(request), public=False))
+        await self.call(request, SetCheckpointPublicReq(tinker_path=self._tinker_path(request), public=False))
         return json_response({})
 
     async def set_ttl(self, request: web.Request) -> web.Response:
         body = parse_json_object(await request.read())
         if "ttl_seconds" not in body.value:
             raise bad_request('set the TTL with {"ttl_seconds": <seconds>} or clear it with {"ttl_seconds": null}')
-        await self.call(SetCheckpointTtlReq(tinker_path=self._tinker_path(request), ttl_seconds=ttl_from_json(body)))
+        await self.call(request, SetCheckpointTtlReq(tinker_path=self._tinker_path(request),
+                                                     ttl_seconds=ttl_from_json(body)))
         return json_response({})
 
     async def weights_info(self, request: web.Request) -> web.Response:
         tinker_path = parse_json_object(await request.read()).get_str("tinker_path")
-        resp = await self.call(WeightsInfoReq(tinker_path=tinker_path))
+        resp = await self.call(request, WeightsInfoReq(tinker_path=tinker_path))
         return json_response({"base_model": resp.base_model, "is_lora": resp.is_lora, "lora_rank": resp.lora_rank,
                               "train_unembed": resp.train_unembed, "train_mlp": resp.train_mlp,
                               "train_attn": resp.train_attn, "optimizer_config": {"type": "adamw"}})
@@ -161,12 +163,12 @@ class RestHandlers:
     # -- downloads ------------------------------------------------------------------------
 
     async def external_weights_urls(self, request: web.Request) -> web.Response:
-        resp = await self.call(ExternalWeightsUrlsReq(tinker_path=self._tinker_path(request)))
+        resp = await self.call(request, ExternalWeightsUrlsReq(tinker_path=self._tinker_path(request)))
         base = f"{request.url.origin()}{DOWNLOAD_PREFIX}{resp.token}"
         return json_response({"urls": {f: f"{base}/{f}" for f in resp.files}, "expires": iso(resp.expires)})
 
     async def download_file(self, request: web.Request) -> web.StreamResponse:
-        resp = await self.call(ResolveDownloadReq(token=request.match_info["token"],
+        resp = await self.call(request, ResolveDownloadReq(token=request.match_info["token"],
                                                   relpath=request.match_info["relpath"]))
         return web.FileResponse(resp.path, headers={"Content-Type": "application/octet-stream"})
 
@@ -175,14 +177,26 @@ class RestHandlers:
     async def list_sessions(self, request: web.Request) -> web.Response:
         _check_scope(request)
         limit, offset = _page(request, 20)
-        resp = await self.call(ListSessionsReq(limit=limit, offset=offset))
+        resp = await self.call(request, ListSessionsReq(limit=limit, offset=offset))
         return json_response({"sessions": resp.session_ids})
 
     async def get_session(self, request: web.Request) -> web.Response:
         _check_scope(request)
-        resp = await self.call(GetSessionReq(session_id=request.match_info["session_id"]))
+        resp = await self.call(request, GetSessionReq(session_id=request.match_info["session_id"]))
         return json_response({"training_run_ids": resp.training_run_ids, "sampler_ids": resp.sampler_ids,
                               "user_metadata": resp.user_metadata, "display_name": resp.display_name})
+
+    # -- users (admins only) --------------------------------------------------------------
+
+    async def reassign_user(self, request: web.Request) -> web.Response:
+        body = parse_json_object(await request.read())
+        to_user = body.get_str("to_user")
+        try:
+            check_user_name(to_user)
+        except ValueError as exc:
+            raise bad_request(f"to_user: {exc}") from None
+        resp = await self.call(request, ReassignUserReq(from_user=body.get_str("from_user"), to_user=to_user))
+        return json_response({"moved": resp.moved})
 
     def routes(self) -> list[web.RouteDef]:
         checkpoint = f"{PREFIX}/training_runs/{{run_id}}/checkpoints/{{checkpoint_id:{CHECKPOINT_ID}}}"
@@ -200,10 +214,11 @@ class RestHandlers:
             web.get(f"{DOWNLOAD_PREFIX}{{token}}/{{relpath:.+}}", self.download_file),
             web.get(f"{PREFIX}/sessions", self.list_sessions),
             web.get(f"{PREFIX}/sessions/{{session_id}}", self.get_session),
+            web.post(f"{PREFIX}/admin/reassign_user", self.reassign_user),
         ]
 
 
-def is_open_path(path: str) -> bool:
+def is_download_path(path: str) -> bool:
     """Paths served without an API key (the download token is their credential)."""
     return path.startswith(DOWNLOAD_PREFIX)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
 import signal
 from typing import Any, Callable
@@ -22,6 +21,7 @@ import zmq
 import zmq.asyncio
 from aiohttp import web
 
+from api.auth import api_key_check, stamp
 from api.errors import HttpError
 from api.forward_backward import (
     MAX_BODY_BYTES, decompress_body, forward_backward_from_json, forward_backward_from_proto,
@@ -33,7 +33,7 @@ from api.json_requests import (
     finish_session_from_json, get_info_json, heartbeat_from_json, load_weights_from_json, optim_step_from_json,
     save_weights_external_from_json, save_weights_for_sampler_from_json, save_weights_from_json,
 )
-from api.rest import RestHandlers, is_open_path, unserved_routes
+from api.rest import RestHandlers, is_download_path, unserved_routes
 from api.sampling import sample_request_from_json, sample_response_json, sample_response_proto
 from cluster.config import ClusterConfig
 from cluster.messages import (
@@ -79,21 +79,8 @@ async def errors_as_json(request: web.Request, handler) -> web.StreamResponse:
     return json_response({"detail": detail}, status)
 
 
-def api_key_check(api_keys: list[str] | None):
-    """Keys from the config's allow-list, or (without one) any key with Tinker's `tml-` prefix."""
-    allowed = frozenset(api_keys) if api_keys is not None else None
-
-    @web.middleware
-    async def check_api_key(request: web.Request, handler) -> web.StreamResponse:
-        if request.path not in _OPEN_PATHS and not is_open_path(request.path):
-            key = request.headers.get("X-API-Key")
-            if not key:
-                raise HttpError(401, "missing X-API-Key header")
-            if not (key in allowed if allowed is not None else key.startswith("tml-")):
-                raise HttpError(401, "invalid API key")
-        return await handler(request)
-
-    return check_api_key
+def _is_open_path(path: str) -> bool:
+    return path in _OPEN_PATHS or is_download_path(path)
 
 
 def _sequence(model_id: Any, seq_id: Any) -> tuple[str, int] | None:
@@ -137,9 +124,10 @@ class Handlers:
         self.config = config
         self.controller = controller
 
-    async def call(self, req: Any, timeout: float = CONTROLLER_TIMEOUT_S) -> Any:
+    async def call(self, request: web.Request, req: Any, timeout: float = CONTROLLER_TIMEOUT_S) -> Any:
+        """Send `req` to the controller on behalf of `request`'s caller; its reply."""
         try:
-            return await self.controller.call(None, req, timeout)
+            return await self.controller.call(None, stamp(request, req), timeout)
         except asyncio.TimeoutError:
             raise HttpError(503, f"the controller did not answer {type(req).__name__} "
                                  f"within {timeout:.0f} s") from None
@@ -148,10 +136,11 @@ class Handlers:
     async def body(request: web.Request) -> JsonObject:
         return parse_json_object(await request.read())
 
-    async def submit(self, req: Any) -> web.Response:
-        return json_response(_submission_json(await self.call(req)))
+    async def submit(self, request: web.Request, req: Any) -> web.Response:
+        return json_response(_submission_json(await self.call(request, req)))
 
-    async def submit_sequenced(self, sequence: tuple[str, int] | None, make_req: Callable[[], Any]) -> web.Response:
+    async def submit_sequenced(self, request: web.Request, sequence: tuple[str, int] | None,
+                               make_req: Callable[[], Any]) -> web.Response:
         """Submit a training request; one refused here still spends its seq_id at the controller.
 
         The SDK never resends a refused seq_id (its next request carries the next one),
@@ -161,13 +150,13 @@ class Handlers:
             req = make_req()
         except HttpError as exc:
             if sequence is not None:
-                await self._skip_seq(*sequence, exc.detail)
+                await self._skip_seq(request, *sequence, exc.detail)
             raise
-        return await self.submit(req)
+        return await self.submit(request, req)
 
-    async def _skip_seq(self, model_id: str, seq_id: int, detail: str) -> None:
+    async def _skip_seq(self, request: web.Request, model_id: str, seq_id: int, detail: str) -> None:
         try:
-            await self.call(SkipSeqReq(model_id=model_id, seq_id=seq_id, detail=detail))
+            await self.call(request, SkipSeqReq(model_id=model_id, seq_id=seq_id, detail=detail))
         except StatusError as exc:
             log.warning("seq_id %d of %s was refused here, and the controller did not take the skip: %s",
                         seq_id, model_id, exc.detail)
@@ -186,7 +175,7 @@ class Handlers:
         return json_response({"status": "accepted"})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        status = await self.call(ClusterStatusReq(), timeout=HEALTH_TIMEOUT_S)
+        status = await self.call(request, ClusterStatusReq(), timeout=HEALTH_TIMEOUT_S)
         if not status.ready:
             raise HttpError(503, status.detail or f"cluster not ready; workers: {status.workers}")
         return json_response({"status": "ok"})
@@ -200,26 +189,24 @@ class Handlers:
     # -- sessions -----------------------------------------------------------------------
 
     async def create_session(self, request: web.Request) -> web.Response:
-        # the owner of its runs: a fingerprint of the key (the key itself is never stored)
-        owner = "key-" + hashlib.sha256(request.headers["X-API-Key"].encode()).hexdigest()[:12]
-        resp = await self.call(create_session_from_json(await self.body(request), owner))
+        resp = await self.call(request, create_session_from_json(await self.body(request)))
         return json_response({"session_id": resp.session_id})
 
     async def session_heartbeat(self, request: web.Request) -> web.Response:
-        await self.call(heartbeat_from_json(await self.body(request)))
+        await self.call(request, heartbeat_from_json(await self.body(request)))
         return json_response({})
 
     async def finish_session(self, request: web.Request) -> web.Response:
-        await self.call(finish_session_from_json(request.match_info["session_id"], await self.body(request)))
+        await self.call(request, finish_session_from_json(request.match_info["session_id"], await self.body(request)))
         return json_response({})
 
     # -- training -----------------------------------------------------------------------
 
     async def create_model(self, request: web.Request) -> web.Response:
-        return await self.submit(create_model_from_json(await self.body(request)))
+        return await self.submit(request, create_model_from_json(await self.body(request)))
 
     async def get_info(self, request: web.Request) -> web.Response:
-        resp = await self.call(GetInfoReq(model_id=(await self.body(request)).get_str("model_id")))
+        resp = await self.call(request, GetInfoReq(model_id=(await self.body(request)).get_str("model_id")))
         return json_response(get_info_json(resp))
 
     async def forward_backward(self, request: web.Request) -> web.Response:
@@ -227,11 +214,11 @@ class Handlers:
         model = self.config.model
         if request.content_type == PROTOBUF:
             msg = parse_forward_backward_proto(body)
-            return await self.submit_sequenced(_sequence(msg.model_id, msg.seq_id),
+            return await self.submit_sequenced(request, _sequence(msg.model_id, msg.seq_id),
                                                lambda: forward_backward_from_proto(msg, model))
         if request.content_type == JSON:
             fields = parse_json_object(body)
-            return await self.submit_sequenced(_json_sequence(fields),
+            return await self.submit_sequenced(request, _json_sequence(fields),
                                                lambda: forward_backward_from_json(fields, model))
         raise HttpError(415, f"forward_backward takes {PROTOBUF} or {JSON}, got {request.content_type!r}")
 
@@ -244,7 +231,7 @@ class Handlers:
     async def _submit_json_sequenced(self, request: web.Request,
                                      decode: Callable[[JsonObject], Any]) -> web.Response:
         body = await self.body(request)
-        return await self.submit_sequenced(_json_sequence(body), lambda: decode(body))
+        return await self.submit_sequenced(request, _json_sequence(body), lambda: decode(body))
 
     async def optim_step(self, request: web.Request) -> web.Response:
         return await self._submit_json_sequenced(request, optim_step_from_json)
@@ -264,25 +251,25 @@ class Handlers:
     # -- sampling -----------------------------------------------------------------------
 
     async def create_sampling_session(self, request: web.Request) -> web.Response:
-        resp = await self.call(create_sampling_session_from_json(await self.body(request)))
+        resp = await self.call(request, create_sampling_session_from_json(await self.body(request)))
         return json_response({"sampling_session_id": resp.sampling_session_id})
 
     async def get_sampler(self, request: web.Request) -> web.Response:
-        resp = await self.call(GetSamplerReq(sampler_id=request.match_info["sampler_id"]))
+        resp = await self.call(request, GetSamplerReq(sampler_id=request.match_info["sampler_id"]))
         payload = {"sampler_id": resp.sampler_id, "base_model": resp.base_model}
         if resp.model_path is not None:
             payload["model_path"] = resp.model_path
         return json_response(payload)
 
     async def asample(self, request: web.Request) -> web.Response:
-        return await self.submit(sample_request_from_json(await self.body(request), self.config.model))
+        return await self.submit(request, sample_request_from_json(await self.body(request), self.config.model))
 
     # -- futures ------------------------------------------------------------------------
 
     async def retrieve_future(self, request: web.Request) -> web.Response:
         request_id = (await self.body(request)).get_str("request_id")
         wait_s = self.config.api.long_poll_s
-        resp = await self.call(RetrieveFutureReq(request_id=request_id, wait_s=wait_s),
+        resp = await self.call(request, RetrieveFutureReq(request_id=request_id, wait_s=wait_s),
                                timeout=wait_s + CONTROLLER_TIMEOUT_S)
         if resp.status == "pending":
             return json_response({"type": "try_again", "request_id": request_id, "queue_state": resp.queue_state})
@@ -301,7 +288,7 @@ class Handlers:
         timeout = body.get_float("timeout", None)  # absent: long-poll; 0: answer at once
         wait_s = self.config.api.long_poll_s if timeout is None else max(0.0, min(timeout, self.config.api.long_poll_s))
         # retrieved_request_ids needs nothing: results stay until swept, a re-poll may still want them
-        resp = await self.call(RetrieveFuturesReq(
+        resp = await self.call(request, RetrieveFuturesReq(
             sampling_session_id=target.get_str("sampling_session_id"),
             cloned_sampler_id=target.get_int("cloned_sampler_id", 0), prev_cursor=body.get_int("prev_cursor", 0),
             wait_s=wait_s), timeout=wait_s + CONTROLLER_TIMEOUT_S)
@@ -309,12 +296,12 @@ class Handlers:
                                               for c in resp.completions], "cursor": resp.cursor})
 
     async def cancel_future(self, request: web.Request) -> web.Response:
-        resp = await self.call(CancelFutureReq(request_id=(await self.body(request)).get_str("request_id")))
+        resp = await self.call(request, CancelFutureReq(request_id=(await self.body(request)).get_str("request_id")))
         return json_response({"cancelled": resp.cancelled})
 
 
 def create_app(config: ClusterConfig, controller: AsyncPeer) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json, api_key_check(config.api.api_keys)],
+    app = web.Application(middlewares=[errors_as_json, api_key_check(config.api.api_keys_file, _is_open_path)],
                           client_max_size=MAX_BODY_BYTES)
     h = Handlers(config, controller)
     app.add_routes(RestHandlers(h.call).routes() + unserved_routes())

@@ -26,8 +26,9 @@ class ModelConfig:
 class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    # None = accept any key starting with "tml-" (the local default)
-    api_keys: list[str] | None = None
+    # `<key> [<user>] [admin]` per line (cluster/users.py); None = any key starting with
+    # "tml-", each its own user (the local default)
+    api_keys_file: str | None = None
     long_poll_s: float = 25.0
 
 
@@ -36,6 +37,7 @@ class ControllerConfig:
     api_address: str = ""  # ROUTER the API's DEALER connects to
     worker_address: str = ""  # ROUTER every trainer rank and engine connects to
     session_timeout_s: float = 600.0  # sessions without a heartbeat for this long expire
+    max_adapters_per_user: int | None = None  # training runs one user may hold at once; None = no limit
     max_sampler_adapters: int = 64  # ephemeral sampler snapshots kept loaded on engines
 
 

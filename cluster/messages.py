@@ -93,6 +93,29 @@ class DatumBatch:
 
 
 @message
+class ProvenanceSpan:
+    """A run of a datum field's positions that reproduces part of a recorded sample.
+
+    `sampled` False: positions [offset, offset + length) of the prompt of the request that
+    sampled `sequence_id`; True: of that sequence's sampled tokens (SDK 0.38's
+    PromptProvenanceSpan / SampledProvenanceSpan). Runs tile their field in order.
+    """
+
+    sequence_id: str
+    sampled: bool
+    offset: int = 0
+    length: int = 0
+
+
+@message
+class DatumProvenance:
+    """Where one datum's tokens came from: runs tiling `model_input`, and runs tiling `target_tokens`."""
+
+    model_input: list[ProvenanceSpan] = field(default_factory=list)
+    targets: list[ProvenanceSpan] = field(default_factory=list)
+
+
+@message
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
@@ -150,6 +173,29 @@ class SampleResult:
 
 
 @message
+class Caller:
+    """Who sent a request: the API sets it from the API key (cluster/users.py); the
+    controller answers 404 for anything the caller does not own (admins own everything)."""
+
+    user: str = ""
+    admin: bool = False
+
+    def owns(self, user: str) -> bool:
+        return self.admin or user == self.user
+
+    def listing_user(self) -> str | None:
+        """Whose rows a listing shows this caller: their own, or everyone's (None) for an admin."""
+        return None if self.admin else self.user
+
+
+@message
+class UserReq(Message):
+    """A request made on a user's behalf: every API -> controller request but health and downloads."""
+
+    caller: Caller = field(default_factory=Caller)
+
+
+@message
 class ErrorResp(Message):
     """Any request may be answered by this instead of its `…Resp`."""
 
@@ -167,12 +213,11 @@ class SubmitResp(Message):
 
 
 @message
-class CreateSessionReq(Message):
+class CreateSessionReq(UserReq):
     tags: list[str] = field(default_factory=list)
     user_metadata: dict[str, Any] = field(default_factory=dict)
     sdk_version: str = ""
     display_name: str | None = None
-    owner: str = ""  # who created it: a fingerprint of the API key (never the key itself)
 
 
 @message
@@ -181,7 +226,7 @@ class CreateSessionResp(Message):
 
 
 @message
-class SessionHeartbeatReq(Message):
+class SessionHeartbeatReq(UserReq):
     session_id: str
 
 
@@ -191,7 +236,7 @@ class SessionHeartbeatResp(Message):
 
 
 @message
-class FinishSessionReq(Message):
+class FinishSessionReq(UserReq):
     session_id: str
     reason: str = "success"
 
@@ -202,7 +247,7 @@ class FinishSessionResp(Message):
 
 
 @message
-class CreateModelReq(Message):
+class CreateModelReq(UserReq):
     session_id: str
     model_seq_id: int
     base_model: str
@@ -211,7 +256,7 @@ class CreateModelReq(Message):
 
 
 @message
-class GetInfoReq(Message):
+class GetInfoReq(UserReq):
     model_id: str
 
 
@@ -226,24 +271,26 @@ class GetInfoResp(Message):
 
 
 @message
-class ForwardBackwardReq(Message):
+class ForwardBackwardReq(UserReq):
     model_id: str
     seq_id: int
     loss_fn: str
     loss_fn_config: dict[str, float | str] = field(default_factory=dict)
     forward_only: bool = False
     batch: DatumBatch
+    # one per datum, for losses that train on recorded samples (stable_reinforce); else None
+    provenance: list[DatumProvenance] | None = None
 
 
 @message
-class OptimStepReq(Message):
+class OptimStepReq(UserReq):
     model_id: str
     seq_id: int
     adam: AdamParams
 
 
 @message
-class SaveWeightsForSamplerReq(Message):
+class SaveWeightsForSamplerReq(UserReq):
     model_id: str
     seq_id: int
     name: str | None = None  # named snapshot -> tinker://<model>/sampler_weights/<name>
@@ -253,7 +300,7 @@ class SaveWeightsForSamplerReq(Message):
 
 
 @message
-class SaveWeightsReq(Message):
+class SaveWeightsReq(UserReq):
     """`save_state`: weights and optimizer state -> tinker://<model>/weights/<name>."""
 
     model_id: str
@@ -265,7 +312,7 @@ class SaveWeightsReq(Message):
 
 
 @message
-class SaveWeightsExternalReq(Message):
+class SaveWeightsExternalReq(UserReq):
     """Export the adapter in Hugging Face PEFT form -> tinker://<model>/external_weights/<name>."""
 
     model_id: str
@@ -275,7 +322,7 @@ class SaveWeightsExternalReq(Message):
 
 
 @message
-class LoadWeightsReq(Message):
+class LoadWeightsReq(UserReq):
     """Load a `weights` checkpoint: into an existing model (legacy `load_state`, sequenced
     by model_id + seq_id) or as a new model (`create_training_client_from_state`, by
     session_id + model_seq_id, the new model's implicit seq 0)."""
@@ -290,7 +337,7 @@ class LoadWeightsReq(Message):
 
 
 @message
-class SkipSeqReq(Message):
+class SkipSeqReq(UserReq):
     """A sequenced training request (model_id + seq_id) that the API refused with a 4xx.
 
     The SDK never resends a seq_id whose submission failed: its next request carries
@@ -309,7 +356,7 @@ class SkipSeqResp(Message):
 
 
 @message
-class CreateSamplingSessionReq(Message):
+class CreateSamplingSessionReq(UserReq):
     session_id: str
     sampling_session_seq_id: int
     base_model: str | None = None
@@ -322,7 +369,7 @@ class CreateSamplingSessionResp(Message):
 
 
 @message
-class GetSamplerReq(Message):
+class GetSamplerReq(UserReq):
     sampler_id: str
 
 
@@ -334,7 +381,7 @@ class GetSamplerResp(Message):
 
 
 @message
-class SampleReq(Message):
+class SampleReq(UserReq):
     sampling_session_id: str
     seq_id: int
     prompt_tokens: np.ndarray  # int64 [n]
@@ -345,7 +392,7 @@ class SampleReq(Message):
 
 
 @message
-class CancelFutureReq(Message):
+class CancelFutureReq(UserReq):
     request_id: str
 
 
@@ -355,7 +402,7 @@ class CancelFutureResp(Message):
 
 
 @message
-class RetrieveFutureReq(Message):
+class RetrieveFutureReq(UserReq):
     request_id: str
     wait_s: float = 25.0  # long-poll budget; the controller answers "pending" after it
 
@@ -389,7 +436,7 @@ class FutureCompletion:
 
 
 @message
-class RetrieveFuturesReq(Message):
+class RetrieveFuturesReq(UserReq):
     """Batched completion polling of one sampling session's samples (`retrieve_futures`).
 
     Completions at or before `prev_cursor` are acknowledged and forgotten; the answer
@@ -440,7 +487,7 @@ class TrainingRunInfo:
 
 
 @message
-class ListTrainingRunsReq(Message):
+class ListTrainingRunsReq(UserReq):
     limit: int = 20
     offset: int = 0
 
@@ -452,7 +499,7 @@ class ListTrainingRunsResp(Message):
 
 
 @message
-class GetTrainingRunReq(Message):
+class GetTrainingRunReq(UserReq):
     model_id: str
 
 
@@ -462,7 +509,7 @@ class GetTrainingRunResp(Message):
 
 
 @message
-class ListCheckpointsReq(Message):
+class ListCheckpointsReq(UserReq):
     """One run's checkpoints (model_id set, all of them) or everyone's (paged)."""
 
     model_id: str | None = None
@@ -477,18 +524,18 @@ class ListCheckpointsResp(Message):
 
 
 @message
-class DeleteCheckpointReq(Message):
+class DeleteCheckpointReq(UserReq):
     tinker_path: str
 
 
 @message
-class SetCheckpointPublicReq(Message):
+class SetCheckpointPublicReq(UserReq):
     tinker_path: str
     public: bool
 
 
 @message
-class SetCheckpointTtlReq(Message):
+class SetCheckpointTtlReq(UserReq):
     tinker_path: str
     ttl_seconds: int | None  # None = never expires
 
@@ -499,7 +546,7 @@ class CheckpointUpdatedResp(Message):
 
 
 @message
-class ExternalWeightsUrlsReq(Message):
+class ExternalWeightsUrlsReq(UserReq):
     tinker_path: str
 
 
@@ -524,7 +571,7 @@ class ResolveDownloadResp(Message):
 
 
 @message
-class WeightsInfoReq(Message):
+class WeightsInfoReq(UserReq):
     tinker_path: str
 
 
@@ -539,7 +586,7 @@ class WeightsInfoResp(Message):
 
 
 @message
-class ListSessionsReq(Message):
+class ListSessionsReq(UserReq):
     limit: int = 20
     offset: int = 0
 
@@ -551,7 +598,7 @@ class ListSessionsResp(Message):
 
 
 @message
-class GetSessionReq(Message):
+class GetSessionReq(UserReq):
     session_id: str
 
 
@@ -561,6 +608,19 @@ class GetSessionResp(Message):
     sampler_ids: list[str] = field(default_factory=list)
     user_metadata: dict[str, str] = field(default_factory=dict)
     display_name: str | None = None
+
+
+@message
+class ReassignUserReq(UserReq):
+    """Admins only: hand every row of one user to another (say, the `legacy` rows from before users)."""
+
+    from_user: str
+    to_user: str
+
+
+@message
+class ReassignUserResp(Message):
+    moved: dict[str, int] = field(default_factory=dict)  # table -> rows handed over
 
 
 # ----------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ if __name__ == "__main__" and not __package__:
 
 from cluster.config import ClusterConfig, ControllerConfig, ModelConfig  # noqa: E402
 from cluster.process import die_with_parent  # noqa: E402
+from cluster.users import load_api_keys  # noqa: E402
+
 STARTUP_TIMEOUT_S = 600.0
 API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_WINDOW_S
 API_RESTART_WINDOW_S = 60.0
@@ -62,13 +64,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-lora-rank", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--api-keys-file", type=Path, help="one allowed key per line (default: any tml- key)")
+    p.add_argument("--api-keys-file", type=Path,
+                   help="allowed keys, one `<key> [<user>] [admin]` per line (default: any tml- key, each its own "
+                        "user)")
+    p.add_argument("--max-adapters-per-user", type=int, metavar="N",
+                   help="training runs one user may hold at once (default: no limit but --max-adapters)")
     p.add_argument("--session-timeout", type=float, default=ControllerConfig.session_timeout_s, metavar="SECONDS",
                    help="a session without a heartbeat for this long expires and frees its adapter slots "
                         "(the SDK heartbeats every 10 s; default %(default)g)")
     args = p.parse_args(argv)
     if args.session_timeout <= 0:
         p.error("--session-timeout must be positive")
+    if args.max_adapters_per_user is not None and args.max_adapters_per_user < 1:
+        p.error("--max-adapters-per-user must be at least 1")
+    if args.api_keys_file is not None:
+        try:
+            load_api_keys(args.api_keys_file)  # the API process reads it again; refuse a bad one here, at once
+        except ValueError as exc:
+            p.error(str(exc))
     return args
 
 
@@ -105,10 +118,11 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     config = ClusterConfig(state_dir=str(args.state_dir.resolve()), model=model)
     config.api.host, config.api.port = args.host, args.port or free_port()
     if args.api_keys_file:
-        config.api.api_keys = [k.strip() for k in args.api_keys_file.read_text().split() if k.strip()]
+        config.api.api_keys_file = str(args.api_keys_file.resolve())
     config.controller.api_address = f"tcp://127.0.0.1:{free_port()}"
     config.controller.worker_address = f"tcp://127.0.0.1:{free_port()}"
     config.controller.session_timeout_s = args.session_timeout
+    config.controller.max_adapters_per_user = args.max_adapters_per_user
     config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
     config.trainer.max_lora_rank = config.engine.max_lora_rank = args.max_lora_rank
     config.trainer.device = config.engine.device = args.device

@@ -23,7 +23,7 @@ from typing import Any
 from actors.controller.errors import ApiError
 from actors.controller.store import StateStore
 from cluster.messages import (
-    CheckpointInfo, CheckpointUpdatedResp, DeleteCheckpointReq, ExternalWeightsUrlsReq, ExternalWeightsUrlsResp,
+    Caller, CheckpointInfo, CheckpointUpdatedResp, DeleteCheckpointReq, ExternalWeightsUrlsReq, ExternalWeightsUrlsResp,
     GetTrainingRunReq, GetTrainingRunResp, ListCheckpointsReq, ListCheckpointsResp, ListTrainingRunsReq,
     ListTrainingRunsResp, ResolveDownloadReq, ResolveDownloadResp, SetCheckpointPublicReq, SetCheckpointTtlReq,
     TrainingRunInfo, WeightsInfoReq, WeightsInfoResp,
@@ -31,7 +31,6 @@ from cluster.messages import (
 
 log = logging.getLogger(__name__)
 URL_TTL_S = 3600.0  # how long a download URL works
-UNKNOWN_OWNER = "unknown"  # runs of sessions recorded before owners were
 
 
 def as_str_dict(metadata: dict[str, Any] | None) -> dict[str, str]:
@@ -56,17 +55,32 @@ class CheckpointService:
 
     # -- lookups --------------------------------------------------------------------------
 
-    def live_checkpoint(self, tinker_path: str) -> dict[str, Any]:
+    def live_checkpoint(self, tinker_path: str, caller: Caller) -> dict[str, Any]:
+        """A checkpoint the caller may read: their own, or a published one."""
         row = self.store.checkpoint(tinker_path)
-        if row is None:
+        if row is None or not (row["public"] or caller.owns(row["user"])):
             raise ApiError(404, f"no checkpoint at {tinker_path!r} (never saved, deleted, or expired)")
+        return row
+
+    def owned_checkpoint(self, tinker_path: str, caller: Caller) -> dict[str, Any]:
+        """A checkpoint the caller may change or delete: their own (a published one of someone else's is 403)."""
+        row = self.live_checkpoint(tinker_path, caller)
+        if not caller.owns(row["user"]):
+            raise ApiError(403, f"{tinker_path} is published by another user: only its owner can change or "
+                                "delete it")
+        return row
+
+    def _run_row(self, model_id: str, caller: Caller) -> dict[str, Any]:
+        row = self.store.training_run(model_id)
+        if row is None or not caller.owns(row["user"]):
+            raise ApiError(404, f"unknown training run {model_id!r}")
         return row
 
     def _run_info(self, row: dict[str, Any]) -> TrainingRunInfo:
         last = self.store.latest_checkpoint(row["model_id"], "weights")
         last_sampler = self.store.latest_checkpoint(row["model_id"], "sampler_weights")
         return TrainingRunInfo(
-            model_id=row["model_id"], base_model=row["base_model"], owner=row["owner"] or UNKNOWN_OWNER,
+            model_id=row["model_id"], base_model=row["base_model"], owner=row["user"],
             lora_rank=row["lora"].get("rank"), last_request=row["last_request"],
             last_checkpoint=checkpoint_info(last) if last else None,
             last_sampler_checkpoint=checkpoint_info(last_sampler) if last_sampler else None,
@@ -75,39 +89,39 @@ class CheckpointService:
     # -- training runs --------------------------------------------------------------------
 
     def handle_ListTrainingRunsReq(self, req: ListTrainingRunsReq) -> ListTrainingRunsResp:
-        rows, total = self.store.training_runs(req.limit, req.offset)
+        rows, total = self.store.training_runs(req.caller.listing_user(), req.limit, req.offset)
         return ListTrainingRunsResp(runs=[self._run_info(r) for r in rows], total_count=total)
 
     def handle_GetTrainingRunReq(self, req: GetTrainingRunReq) -> GetTrainingRunResp:
-        row = self.store.training_run(req.model_id)
-        if row is None:
-            raise ApiError(404, f"unknown training run {req.model_id!r}")
-        return GetTrainingRunResp(run=self._run_info(row))
+        return GetTrainingRunResp(run=self._run_info(self._run_row(req.model_id, req.caller)))
 
     # -- checkpoints ----------------------------------------------------------------------
 
     def handle_ListCheckpointsReq(self, req: ListCheckpointsReq) -> ListCheckpointsResp:
-        if req.model_id is not None and self.store.training_run(req.model_id) is None:
-            raise ApiError(404, f"unknown training run {req.model_id!r}")
-        rows, total = self.store.checkpoints(req.model_id, req.limit, req.offset)
+        """One run's checkpoints (only its owner lists them, published or not), or the caller's."""
+        if req.model_id is not None:
+            self._run_row(req.model_id, req.caller)
+            rows, total = self.store.checkpoints(req.model_id, None, req.limit, req.offset)
+        else:
+            rows, total = self.store.checkpoints(None, req.caller.listing_user(), req.limit, req.offset)
         return ListCheckpointsResp(checkpoints=[checkpoint_info(r) for r in rows], total_count=total)
 
     def handle_DeleteCheckpointReq(self, req: DeleteCheckpointReq) -> CheckpointUpdatedResp:
-        self.delete(self.live_checkpoint(req.tinker_path))
+        self.delete(self.owned_checkpoint(req.tinker_path, req.caller))
         return CheckpointUpdatedResp()
 
     def handle_SetCheckpointPublicReq(self, req: SetCheckpointPublicReq) -> CheckpointUpdatedResp:
-        self.live_checkpoint(req.tinker_path)
+        self.owned_checkpoint(req.tinker_path, req.caller)
         self.store.set_checkpoint_public(req.tinker_path, req.public)
         return CheckpointUpdatedResp()
 
     def handle_SetCheckpointTtlReq(self, req: SetCheckpointTtlReq) -> CheckpointUpdatedResp:
-        self.live_checkpoint(req.tinker_path)
+        self.owned_checkpoint(req.tinker_path, req.caller)
         self.store.set_checkpoint_expiry(req.tinker_path, expiry_for(req.ttl_seconds))
         return CheckpointUpdatedResp()
 
     def handle_WeightsInfoReq(self, req: WeightsInfoReq) -> WeightsInfoResp:
-        row = self.live_checkpoint(req.tinker_path)
+        row = self.live_checkpoint(req.tinker_path, req.caller)
         config_path = Path(row["directory"]) / "adapter_config.json"
         try:
             config = json.loads(config_path.read_text())
@@ -142,7 +156,7 @@ class CheckpointService:
     # -- downloads ------------------------------------------------------------------------
 
     def handle_ExternalWeightsUrlsReq(self, req: ExternalWeightsUrlsReq) -> ExternalWeightsUrlsResp:
-        row = self.live_checkpoint(req.tinker_path)
+        row = self.live_checkpoint(req.tinker_path, req.caller)
         if row["kind"] != "external_weights":
             raise ApiError(400, f"{req.tinker_path} is a {row['kind']} checkpoint; download URLs exist only for "
                                 "external_weights checkpoints (export one with save_weights_external)")
@@ -154,9 +168,9 @@ class CheckpointService:
 
     def handle_ResolveDownloadReq(self, req: ResolveDownloadReq) -> ResolveDownloadResp:
         token = self.store.download_token(req.token)
-        if token is None:
+        row = self.store.checkpoint(token["tinker_path"]) if token is not None else None
+        if row is None:  # the token is the credential: whoever holds one may fetch its checkpoint's files
             raise ApiError(404, "unknown or expired download URL; ask for new ones with external_weights_urls")
-        row = self.live_checkpoint(token["tinker_path"])
         root = Path(row["directory"]).resolve()
         path = (root / req.relpath).resolve()
         if not path.is_relative_to(root) or not path.is_file():

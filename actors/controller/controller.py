@@ -29,12 +29,12 @@ from actors.controller.training import TrainingService
 from actors.controller.workers import WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq, CreateSamplingSessionReq,
-    CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp, FinishSessionReq, FinishSessionResp,
-    ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, GetSessionReq, GetSessionResp,
-    ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, RetrieveFutureReq, RetrieveFuturesReq,
-    SampleReq, SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq,
-    SessionHeartbeatResp, ShutdownEvent, SkipSeqReq, SkipSeqResp,
+    Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq,
+    CreateSamplingSessionReq, CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp,
+    FinishSessionReq, FinishSessionResp, ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, GetSessionReq, GetSessionResp,
+    ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, ReassignUserReq, ReassignUserResp,
+    RetrieveFutureReq, RetrieveFuturesReq, SampleReq, SaveWeightsExternalReq, SaveWeightsForSamplerReq,
+    SaveWeightsReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent, SkipSeqReq, SkipSeqResp, UserReq,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import AsyncPeer
@@ -46,6 +46,7 @@ _SWEEP_INTERVAL_S = 10.0
 @dataclass
 class Session:
     session_id: str
+    user: str
     last_heartbeat: float = field(default_factory=time.monotonic)
     finished: bool = False
 
@@ -76,8 +77,8 @@ class Controller:
         were in memory; requests for them get a 410 saying so. Futures left pending can
         never settle and are failed.
         """
-        for session_id in self.store.unfinished_sessions():
-            self.sessions[session_id] = Session(session_id)
+        for session_id, user in self.store.unfinished_sessions():
+            self.sessions[session_id] = Session(session_id, user)
         orphans = self.futures.fail_orphans()
         if self.sessions or orphans:
             log.info("restored %d live sessions from %s; failed %d futures left pending",
@@ -107,6 +108,9 @@ class Controller:
         if handler is None:
             self.api.reply(peer, req, ErrorResp(status=400, detail=f"unsupported request {type(req).__name__}"))
             return
+        if isinstance(req, UserReq) and not req.caller.user:  # the API always names one: a bug, not a guest
+            self.api.reply(peer, req, ErrorResp(status=401, detail=f"{type(req).__name__} names no caller"))
+            return
         try:
             resp = handler(req)
             if asyncio.iscoroutine(resp):
@@ -130,13 +134,16 @@ class Controller:
 
     # -- sessions -----------------------------------------------------------------------
 
-    def _session(self, session_id: str) -> Session:
+    def _session(self, session_id: str, caller: Caller) -> Session:
+        """The caller's live session; 404 for one that is not theirs, 410 for one that has finished."""
         session = self.sessions.get(session_id)
         if session is None:
             row = self.store.session(session_id)
-            if row is None:
+            if row is None or not caller.owns(row["user"]):
                 raise ApiError(404, f"unknown session {session_id!r}")
-            session = Session(session_id, finished=True)  # finished before this controller started
+            session = Session(session_id, row["user"], finished=True)  # finished before this controller started
+        if not caller.owns(session.user):
+            raise ApiError(404, f"unknown session {session_id!r}")
         if session.finished:
             reason = (self.store.session(session_id) or {}).get("finish_reason") or "finished"
             why = (f"expired: no heartbeat for {self.config.controller.session_timeout_s:g} s" if reason == "expired"
@@ -146,18 +153,20 @@ class Controller:
 
     def handle_CreateSessionReq(self, req: CreateSessionReq) -> CreateSessionResp:
         session_id = str(uuid.uuid4())
-        self.sessions[session_id] = Session(session_id)
-        self.store.add_session(session_id, req.tags, req.user_metadata, req.sdk_version, req.display_name, req.owner)
+        self.sessions[session_id] = Session(session_id, req.caller.user)
+        self.store.add_session(session_id, req.caller.user, req.tags, req.user_metadata, req.sdk_version,
+                               req.display_name)
         return CreateSessionResp(session_id=session_id)
 
     def handle_SessionHeartbeatReq(self, req: SessionHeartbeatReq) -> SessionHeartbeatResp:
-        self._session(req.session_id).last_heartbeat = time.monotonic()
+        self._session(req.session_id, req.caller).last_heartbeat = time.monotonic()
         return SessionHeartbeatResp()
 
     async def handle_FinishSessionReq(self, req: FinishSessionReq) -> FinishSessionResp:
         session = self.sessions.get(req.session_id)
-        if session is None:
-            if self.store.session(req.session_id) is None:
+        if session is None or not req.caller.owns(session.user):
+            row = self.store.session(req.session_id)
+            if row is None or not req.caller.owns(row["user"]):
                 raise ApiError(404, f"unknown session {req.session_id!r}")
             return FinishSessionResp()  # finished before this controller started: the first reason won
         if not session.finished:  # the first reason wins
@@ -165,12 +174,12 @@ class Controller:
         return FinishSessionResp()
 
     def handle_ListSessionsReq(self, req: ListSessionsReq) -> ListSessionsResp:
-        session_ids, total = self.store.sessions(req.limit, req.offset)
+        session_ids, total = self.store.sessions(req.caller.listing_user(), req.limit, req.offset)
         return ListSessionsResp(session_ids=session_ids, total_count=total)
 
     def handle_GetSessionReq(self, req: GetSessionReq) -> GetSessionResp:
         row = self.store.session(req.session_id)
-        if row is None:
+        if row is None or not req.caller.owns(row["user"]):
             raise ApiError(404, f"unknown session {req.session_id!r}")
         return GetSessionResp(training_run_ids=self.store.training_run_ids(req.session_id),
                               sampler_ids=self.store.sampler_ids(req.session_id),
@@ -185,11 +194,10 @@ class Controller:
     # -- training -----------------------------------------------------------------------
 
     def handle_CreateModelReq(self, req: CreateModelReq):
-        self._session(req.session_id)
-        return self.training.create(req)
+        return self.training.create(req, self._session(req.session_id, req.caller).user)
 
     def handle_GetInfoReq(self, req: GetInfoReq) -> GetInfoResp:
-        run = self.training.run_for(req.model_id)
+        run = self.training.run_for(req.model_id, req.caller)
         if run.lora is None:  # created from a checkpoint that is still loading; 409 makes the SDK retry
             raise ApiError(409, f"model {req.model_id!r} is still loading its checkpoint")
         model = self.config.model
@@ -212,7 +220,8 @@ class Controller:
         return self.training.submit(req)
 
     def handle_SkipSeqReq(self, req: SkipSeqReq) -> SkipSeqResp:
-        self.training.skip(req.model_id, req.seq_id)
+        # only for the caller's own runs: anyone else's seq_ids are not theirs to spend
+        self.training.skip(self.training.run_for(req.model_id, req.caller), req.seq_id)
         return SkipSeqResp()
 
     def handle_LoadWeightsReq(self, req: LoadWeightsReq):
@@ -222,17 +231,16 @@ class Controller:
             return self.training.submit(req)
         if req.session_id is None or req.model_seq_id is None:
             raise ApiError(400, "load_weights needs either model_id + seq_id or session_id + model_seq_id")
-        self._session(req.session_id)
-        return self.training.create_from_state(req)
+        return self.training.create_from_state(req, self._session(req.session_id, req.caller).user)
 
     # -- sampling -----------------------------------------------------------------------
 
     async def handle_CreateSamplingSessionReq(self, req: CreateSamplingSessionReq) -> CreateSamplingSessionResp:
-        self._session(req.session_id)
-        return CreateSamplingSessionResp(sampling_session_id=await self.sampling.create_session(req))
+        user = self._session(req.session_id, req.caller).user
+        return CreateSamplingSessionResp(sampling_session_id=await self.sampling.create_session(req, user))
 
     def handle_GetSamplerReq(self, req: GetSamplerReq) -> GetSamplerResp:
-        row = self.sampling.sampler_record(req.sampler_id)
+        row = self.sampling.sampler_record(req.sampler_id, req.caller)
         return GetSamplerResp(sampler_id=req.sampler_id, base_model=row["base_model"], model_path=row["model_path"])
 
     def handle_SampleReq(self, req: SampleReq):
@@ -242,7 +250,7 @@ class Controller:
 
     async def handle_RetrieveFutureReq(self, req: RetrieveFutureReq):
         try:
-            return await self.futures.wait(req.request_id, req.wait_s)
+            return await self.futures.wait(req.request_id, req.wait_s, req.caller)
         except UnknownFuture:
             raise ApiError(404, f"unknown request_id {req.request_id!r}") from None
 
@@ -250,9 +258,22 @@ class Controller:
         return await self.sampling.retrieve_completions(req)
 
     async def handle_CancelFutureReq(self, req: CancelFutureReq) -> CancelFutureResp:
-        if self.futures.kind(req.request_id) is None:
+        if self.futures.kind(req.request_id, req.caller) is None:
             raise ApiError(404, f"unknown request_id {req.request_id!r}")
         return CancelFutureResp(cancelled=await self.sampling.cancel(req.request_id))
+
+    # -- users --------------------------------------------------------------------------
+
+    def handle_ReassignUserReq(self, req: ReassignUserReq) -> ReassignUserResp:
+        if not req.caller.admin:
+            raise ApiError(403, "reassigning rows between users needs an admin key")
+        moved = self.store.reassign_user(req.from_user, req.to_user)
+        for owned in (*self.sessions.values(), *self.training.runs.values(), *self.sampling.sessions.values()):
+            if owned.user == req.from_user:
+                owned.user = req.to_user
+        self.futures.reassign_user(req.from_user, req.to_user)
+        log.info("admin %s handed %s's rows to %s: %s", req.caller.user, req.from_user, req.to_user, moved)
+        return ReassignUserResp(moved=moved)
 
     def handle_ClusterStatusReq(self, req: ClusterStatusReq) -> ClusterStatusResp:
         return ClusterStatusResp(ready=self.workers.ready.is_set() and not self.workers.failure,

@@ -21,7 +21,7 @@ from typing import Any
 
 from actors.controller.store import StateStore
 from cluster.codec import decode_blob, encode_blob
-from cluster.messages import RetrieveFutureResp
+from cluster.messages import Caller, RetrieveFutureResp
 
 RESTART_ERROR = "the server restarted before this request finished; submit it again"
 
@@ -29,6 +29,7 @@ RESTART_ERROR = "the server restarted before this request finished; submit it ag
 @dataclass
 class _Future:
     kind: str
+    user: str  # who may retrieve it: whoever submitted the request
     created: float = field(default_factory=time.monotonic)
     settled_at: float | None = None
     result: Any = None
@@ -51,10 +52,10 @@ class FutureStore:
         """At start-up: fail the futures a previous controller left pending."""
         return self.store.fail_pending_futures(RESTART_ERROR, "server")
 
-    def create(self, kind: str) -> str:
+    def create(self, kind: str, user: str) -> str:
         request_id = f"req-{uuid.uuid4().hex}"
-        self._futures[request_id] = _Future(kind=kind)
-        self.store.add_future(request_id, kind)
+        self._futures[request_id] = _Future(kind=kind, user=user)
+        self.store.add_future(request_id, kind, user)
         return request_id
 
     def resolve(self, request_id: str, result: Any) -> None:
@@ -77,16 +78,24 @@ class FutureStore:
         fut = self._futures.get(request_id)
         return fut is not None and fut.settled_at is None
 
-    def kind(self, request_id: str) -> str | None:
+    def kind(self, request_id: str, caller: Caller | None = None) -> str | None:
+        """The future's kind; None if there is none (or, given a caller, none of theirs)."""
         fut = self._futures.get(request_id)
-        return fut.kind if fut is not None else None
+        if fut is None or (caller is not None and not caller.owns(fut.user)):
+            return None
+        return fut.kind
+
+    def reassign_user(self, from_user: str, to_user: str) -> None:
+        for fut in self._futures.values():
+            if fut.user == from_user:
+                fut.user = to_user
 
     def _from_database(self, request_id: str) -> _Future | None:
         """A future settled by an earlier controller (or swept from memory), from SQLite."""
         row = self.store.future(request_id)
         if row is None or row["state"] == "pending":
             return None
-        fut = _Future(kind=row["kind"], settled_at=time.monotonic())
+        fut = _Future(kind=row["kind"], user=row["user"], settled_at=time.monotonic())
         if row["state"] == "done":
             fut.result = decode_blob(row["result"])
         else:
@@ -95,9 +104,11 @@ class FutureStore:
         self._futures[request_id] = fut
         return fut
 
-    async def wait(self, request_id: str, wait_s: float) -> RetrieveFutureResp:
+    async def wait(self, request_id: str, wait_s: float, caller: Caller) -> RetrieveFutureResp:
+        """The future's outcome once settled, or "pending" after wait_s; UnknownFuture if it is
+        not the caller's (another user's future does not exist for them)."""
         fut = self._futures.get(request_id) or self._from_database(request_id)
-        if fut is None:
+        if fut is None or not caller.owns(fut.user):
             raise UnknownFuture(request_id)
         if fut.settled_at is None:
             try:

@@ -30,7 +30,7 @@ from actors.controller.store import StateStore
 from actors.controller.workers import EngineHandle, WorkerFailure, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    CreateSamplingSessionReq, EngineCancelSampleReq, EngineLoadAdapterFromDiskReq, EngineSampleReq,
+    Caller, CreateSamplingSessionReq, EngineCancelSampleReq, EngineLoadAdapterFromDiskReq, EngineSampleReq,
     EngineUnloadAdapterReq, FutureCompletion, RetrieveFuturesReq, RetrieveFuturesResp, SampleReq, SubmitResp,
 )
 from cluster.transport import RemoteError
@@ -44,6 +44,7 @@ CLONE_SEQ_STRIDE = 1_000_000_000  # a cloned SamplingClient's seq_ids start at c
 class SamplingSession:
     sampling_session_id: str
     session_id: str
+    user: str
     base_model: str
     adapter_id: str | None
     model_path: str | None
@@ -96,19 +97,21 @@ class SamplingService:
 
     # -- sessions -----------------------------------------------------------------------
 
-    def add_session(self, session_id: str, seq: int, base_model: str, adapter_id: str | None,
+    def add_session(self, session_id: str, user: str, seq: int, base_model: str, adapter_id: str | None,
                     model_path: str | None) -> str:
         sampling_session_id = f"{session_id}:sample:{seq}"
         self.sessions[sampling_session_id] = SamplingSession(
-            sampling_session_id, session_id, base_model, adapter_id, model_path)
-        self.store.add_sampler(sampling_session_id, session_id, base_model, adapter_id, model_path)
+            sampling_session_id, session_id, user, base_model, adapter_id, model_path)
+        self.store.add_sampler(sampling_session_id, session_id, user, base_model, adapter_id, model_path)
         return sampling_session_id
 
-    async def create_session(self, req: CreateSamplingSessionReq) -> str:
+    async def create_session(self, req: CreateSamplingSessionReq, user: str) -> str:
+        """A sampling session in the caller's session `req.session_id` (its owner is `user`)."""
         existing = self.sessions.get(f"{req.session_id}:sample:{req.sampling_session_seq_id}")
         if existing is not None:
             return existing.sampling_session_id
         if req.model_path:
+            self._sampler_checkpoint(req.model_path, req.caller)
             adapter_id = await self._adapter_for_path(req.model_path, req.session_id)
         else:
             served = {self.config.model.name, self.config.model.path}
@@ -116,14 +119,16 @@ class SamplingService:
                 raise ApiError(400, f"base_model {req.base_model!r} is not served here; this server serves "
                                     f"{self.config.model.name!r}")
             adapter_id = None
-        return self.add_session(req.session_id, req.sampling_session_seq_id, self.config.model.name,
+        return self.add_session(req.session_id, user, req.sampling_session_seq_id, self.config.model.name,
                                 adapter_id, req.model_path)
 
-    def _sampler_checkpoint(self, model_path: str) -> dict:
+    def _sampler_checkpoint(self, model_path: str, caller: Caller | None = None) -> dict:
+        """The sampler checkpoint at model_path: the caller's own or a published one (any, without a caller)."""
         if "/sampler_weights/" not in model_path:
             raise ApiError(400, f"can only sample from sampler_weights checkpoints, got {model_path!r}")
         checkpoint = self.store.checkpoint(model_path)
-        if checkpoint is None:
+        visible = checkpoint is not None and (caller is None or checkpoint["public"] or caller.owns(checkpoint["user"]))
+        if not visible:
             raise ApiError(404, f"no checkpoint at {model_path!r}")
         return checkpoint
 
@@ -140,15 +145,20 @@ class SamplingService:
     def adapter_loaded(self, adapter_id: str, owner_session: str, disk_path: str | None) -> None:
         self.adapters[adapter_id] = _Adapter(owner_session, disk_path)
 
-    def session_info(self, sampling_session_id: str) -> SamplingSession:
+    def session_info(self, sampling_session_id: str, caller: Caller) -> SamplingSession:
+        """The caller's sampling session; 404 if it is not theirs, 410 if it cannot serve any more."""
         session = self.sessions.get(sampling_session_id)
-        return session if session is not None else self._restore(sampling_session_id)
+        if session is None:
+            session = self._restore(sampling_session_id, caller)
+        if not caller.owns(session.user):
+            raise _unknown_sampling_session(sampling_session_id)
+        return session
 
-    def _restore(self, sampling_session_id: str) -> SamplingSession:
+    def _restore(self, sampling_session_id: str, caller: Caller) -> SamplingSession:
         """A sampling session recorded before this controller started (or since finished)."""
         row = self.store.sampler(sampling_session_id)
-        if row is None:
-            raise ApiError(404, f"unknown sampling session {sampling_session_id!r}")
+        if row is None or not caller.owns(row["user"]):
+            raise _unknown_sampling_session(sampling_session_id)
         owner = self.store.session(row["session_id"])
         if owner is None or owner["finished"] is not None:
             raise ApiError(410, f"sampling session {sampling_session_id!r} is gone: its session "
@@ -159,16 +169,16 @@ class SamplingService:
         if row["model_path"] is not None:  # engines load it on first use (the 410 path of _sample)
             checkpoint = self._sampler_checkpoint(row["model_path"])
             self.adapter_loaded(row["model_path"], owner_session=row["session_id"], disk_path=checkpoint["directory"])
-        session = SamplingSession(sampling_session_id, row["session_id"], row["base_model"], row["adapter_id"],
-                                  row["model_path"])
+        session = SamplingSession(sampling_session_id, row["session_id"], row["user"], row["base_model"],
+                                  row["adapter_id"], row["model_path"])
         self.sessions[sampling_session_id] = session
         log.info("restored sampling session %s from the database", sampling_session_id)
         return session
 
-    def sampler_record(self, sampler_id: str) -> dict:
-        """What GET samplers/{id} reports, for any sampling session ever created."""
+    def sampler_record(self, sampler_id: str, caller: Caller) -> dict:
+        """What GET samplers/{id} reports, for any sampling session of the caller's ever created."""
         row = self.store.sampler(sampler_id)
-        if row is None:
+        if row is None or not caller.owns(row["user"]):
             raise ApiError(404, f"unknown sampler {sampler_id!r}")
         return row
 
@@ -189,11 +199,11 @@ class SamplingService:
     # -- samples ------------------------------------------------------------------------
 
     def submit(self, req: SampleReq) -> SubmitResp:
-        session = self.session_info(req.sampling_session_id)
+        session = self.session_info(req.sampling_session_id, req.caller)
         key = (req.sampling_session_id, req.seq_id)
         if key in self._requests:  # a retry of a submission whose answer got lost
             return self._requests[key][1]
-        request_id = self.futures.create("sample")
+        request_id = self.futures.create("sample", session.user)
         resp = SubmitResp(request_id=request_id, sample_sequence_ids=[
             f"{req.sampling_session_id}:{req.seq_id}:{i}" for i in range(req.num_samples)])
         self._requests[key] = (time.monotonic(), resp)
@@ -262,9 +272,9 @@ class SamplingService:
 
     async def retrieve_completions(self, req: RetrieveFuturesReq) -> RetrieveFuturesResp:
         key = (req.sampling_session_id, req.cloned_sampler_id)
+        self.session_info(req.sampling_session_id, req.caller)  # 404 / 410 for a session that is not there
         completions = self._logs.get(key)
         if completions is None:
-            self.session_info(req.sampling_session_id)  # 404 / 410 for a session that is not there
             completions = self._logs.setdefault(key, _CompletionLog())
         completions.ack(req.prev_cursor)
         if not completions.after(req.prev_cursor) and req.wait_s > 0:
@@ -282,3 +292,7 @@ class SamplingService:
             del self._requests[key]
         for completions in self._logs.values():  # a poller that stopped acknowledging
             completions.forget_older_than(cutoff)
+
+
+def _unknown_sampling_session(sampling_session_id: str) -> ApiError:
+    return ApiError(404, f"unknown sampling session {sampling_session_id!r}")

@@ -19,70 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
-    tags TEXT NOT NULL,
-    user_metadata TEXT NOT NULL,
-    sdk_version TEXT NOT NULL,
-    finished REAL,
-    finish_reason TEXT
-);
-CREATE TABLE IF NOT EXISTS training_runs (
-    model_id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    lora TEXT NOT NULL,
-    user_metadata TEXT NOT NULL,
-    created REAL NOT NULL,
-    last_request REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    tinker_path TEXT PRIMARY KEY,
-    model_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    name TEXT NOT NULL,
-    directory TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS samplers (
-    sampler_id TEXT PRIMARY KEY,
-    session_id TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    adapter_id TEXT,
-    model_path TEXT,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS futures (
-    request_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    result BLOB,
-    error TEXT,
-    category TEXT,
-    created REAL NOT NULL,
-    settled REAL
-);
-CREATE TABLE IF NOT EXISTS download_tokens (
-    token TEXT PRIMARY KEY,
-    tinker_path TEXT NOT NULL,
-    expires REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS checkpoints_by_model ON checkpoints(model_id, created);
-CREATE INDEX IF NOT EXISTS runs_by_session ON training_runs(session_id);
-CREATE INDEX IF NOT EXISTS samplers_by_session ON samplers(session_id);
-CREATE INDEX IF NOT EXISTS futures_by_settled ON futures(settled);
-"""
+from actors.controller.schema import OWNED_TABLES, migrate
 
-# columns added after the first release: added to an older database on open
-_ADDED_COLUMNS = {
-    "sessions": {"display_name": "TEXT", "owner": "TEXT NOT NULL DEFAULT ''"},
-    "checkpoints": {"public": "INTEGER NOT NULL DEFAULT 0", "expires_at": "REAL",
-                    "user_metadata": "TEXT NOT NULL DEFAULT '{}'"},
-}
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
+_SQL_VARIABLES = 500  # ids per IN (...) query, well under SQLite's limit on bound variables
 
 
 class StateStore:
@@ -92,15 +32,7 @@ class StateStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        for table, columns in _ADDED_COLUMNS.items():
-            present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            for column, decl in columns.items():
-                if column not in present:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        self.found_version = migrate(self.db, str(path))
 
     def _one(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
         row = self.db.execute(sql, args).fetchone()
@@ -114,13 +46,13 @@ class StateStore:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def add_session(self, session_id: str, tags: list[str], user_metadata: dict, sdk_version: str,
-                    display_name: str | None = None, owner: str = "") -> None:
+    def add_session(self, session_id: str, user: str, tags: list[str], user_metadata: dict, sdk_version: str,
+                    display_name: str | None = None) -> None:
         self.db.execute(
-            "INSERT INTO sessions(session_id, created, tags, user_metadata, sdk_version, display_name, owner)"
+            "INSERT INTO sessions(session_id, user, created, tags, user_metadata, sdk_version, display_name)"
             " VALUES (?,?,?,?,?,?,?)",
-            (session_id, time.time(), json.dumps(tags), json.dumps(user_metadata), sdk_version, display_name,
-             owner))
+            (session_id, user, time.time(), json.dumps(tags), json.dumps(user_metadata), sdk_version,
+             display_name))
 
     def finish_session(self, session_id: str, reason: str) -> None:
         self.db.execute("UPDATE sessions SET finished=?, finish_reason=? WHERE session_id=? AND finished IS NULL",
@@ -132,23 +64,26 @@ class StateStore:
             row["user_metadata"] = json.loads(row["user_metadata"])
         return row
 
-    def sessions(self, limit: int, offset: int) -> tuple[list[str], int]:
-        """Session ids, newest first, and how many there are in all."""
-        rows = self.db.execute("SELECT session_id FROM sessions ORDER BY created DESC, session_id LIMIT ? OFFSET ?",
-                               (limit, offset))
-        return [r[0] for r in rows], self._count("SELECT COUNT(*) FROM sessions")
+    def sessions(self, user: str | None, limit: int, offset: int) -> tuple[list[str], int]:
+        """A user's session ids (everyone's for user None), newest first, and how many there are in all."""
+        where, args = _of_user(user)
+        rows = self.db.execute(f"SELECT session_id FROM sessions WHERE {where} ORDER BY created DESC, session_id"
+                               " LIMIT ? OFFSET ?", (*args, limit, offset))
+        return [r[0] for r in rows], self._count(f"SELECT COUNT(*) FROM sessions WHERE {where}", args)
 
-    def unfinished_sessions(self) -> list[str]:
-        return [r[0] for r in self.db.execute("SELECT session_id FROM sessions WHERE finished IS NULL")]
+    def unfinished_sessions(self) -> list[tuple[str, str]]:
+        """(session_id, user) of every session that has not finished."""
+        return [(r[0], r[1]) for r in self.db.execute("SELECT session_id, user FROM sessions WHERE finished IS NULL")]
 
     # -- training runs --------------------------------------------------------------------
 
-    def add_training_run(self, model_id: str, session_id: str, base_model: str, lora: dict,
+    def add_training_run(self, model_id: str, session_id: str, user: str, base_model: str, lora: dict,
                          user_metadata: dict) -> None:
         now = time.time()
         self.db.execute(
-            "INSERT OR REPLACE INTO training_runs VALUES (?,?,?,?,?,?,?)",
-            (model_id, session_id, base_model, json.dumps(lora), json.dumps(user_metadata), now, now))
+            "INSERT OR REPLACE INTO training_runs(model_id, session_id, user, base_model, lora, user_metadata,"
+            " created, last_request) VALUES (?,?,?,?,?,?,?,?)",
+            (model_id, session_id, user, base_model, json.dumps(lora), json.dumps(user_metadata), now, now))
 
     def set_training_run_lora(self, model_id: str, lora: dict) -> None:
         self.db.execute("UPDATE training_runs SET lora=? WHERE model_id=?", (json.dumps(lora), model_id))
@@ -167,17 +102,20 @@ class StateStore:
         return row
 
     def training_run(self, model_id: str) -> dict[str, Any] | None:
-        """The run joined with its session's owner and finish state."""
-        row = self._one("SELECT r.*, s.owner, s.finished AS session_finished, s.finish_reason"
+        """The run joined with its session's finish state."""
+        row = self._one("SELECT r.*, s.finished AS session_finished, s.finish_reason"
                         " FROM training_runs r LEFT JOIN sessions s USING (session_id) WHERE r.model_id=?",
                         (model_id,))
         return self._run_row(row) if row else None
 
-    def training_runs(self, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        rows = self._all("SELECT r.*, s.owner, s.finished AS session_finished, s.finish_reason"
-                         " FROM training_runs r LEFT JOIN sessions s USING (session_id)"
-                         " ORDER BY r.created DESC, r.model_id LIMIT ? OFFSET ?", (limit, offset))
-        return [self._run_row(r) for r in rows], self._count("SELECT COUNT(*) FROM training_runs")
+    def training_runs(self, user: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """A user's runs (everyone's for user None), newest first, and how many there are in all."""
+        where, args = _of_user(user, "r.user")
+        rows = self._all("SELECT r.*, s.finished AS session_finished, s.finish_reason"
+                         f" FROM training_runs r LEFT JOIN sessions s USING (session_id) WHERE {where}"
+                         " ORDER BY r.created DESC, r.model_id LIMIT ? OFFSET ?", (*args, limit, offset))
+        return [self._run_row(r) for r in rows], self._count(f"SELECT COUNT(*) FROM training_runs r WHERE {where}",
+                                                             args)
 
     def training_run_ids(self, session_id: str) -> list[str]:
         return [r[0] for r in self.db.execute(
@@ -185,14 +123,14 @@ class StateStore:
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def add_checkpoint(self, tinker_path: str, model_id: str, kind: str, name: str, directory: str,
+    def add_checkpoint(self, tinker_path: str, model_id: str, user: str, kind: str, name: str, directory: str,
                        size_bytes: int, expires_at: float | None = None,
                        user_metadata: dict[str, str] | None = None) -> None:
         """Record a checkpoint (replacing one at the same path: a fresh row, not public)."""
         self.db.execute(
-            "INSERT OR REPLACE INTO checkpoints(tinker_path, model_id, kind, name, directory, size_bytes, created,"
-            " public, expires_at, user_metadata) VALUES (?,?,?,?,?,?,?,0,?,?)",
-            (tinker_path, model_id, kind, name, directory, size_bytes, time.time(), expires_at,
+            "INSERT OR REPLACE INTO checkpoints(tinker_path, model_id, user, kind, name, directory, size_bytes,"
+            " created, public, expires_at, user_metadata) VALUES (?,?,?,?,?,?,?,?,0,?,?)",
+            (tinker_path, model_id, user, kind, name, directory, size_bytes, time.time(), expires_at,
              json.dumps(user_metadata or {})))
 
     @staticmethod
@@ -206,9 +144,14 @@ class StateStore:
         row = self._one(f"SELECT * FROM checkpoints WHERE tinker_path=? AND {_LIVE}", (tinker_path, time.time()))
         return self._checkpoint_row(row) if row else None
 
-    def checkpoints(self, model_id: str | None, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """Live checkpoints, of one run or of all, newest first; and how many there are in all."""
-        where, args = (f"model_id=? AND {_LIVE}", (model_id, time.time())) if model_id else (_LIVE, (time.time(),))
+    def checkpoints(self, model_id: str | None, user: str | None, limit: int,
+                    offset: int) -> tuple[list[dict[str, Any]], int]:
+        """Live checkpoints of one run (model_id) or of one user (everyone's for user None), newest first;
+        and how many there are in all."""
+        owned, owned_args = _of_user(user)
+        where, args = f"{owned} AND {_LIVE}", (*owned_args, time.time())
+        if model_id is not None:
+            where, args = f"model_id=? AND {where}", (model_id, *args)
         rows = self._all(f"SELECT * FROM checkpoints WHERE {where} ORDER BY created DESC, tinker_path"
                          " LIMIT ? OFFSET ?", (*args, limit, offset))
         return [self._checkpoint_row(r) for r in rows], self._count(f"SELECT COUNT(*) FROM checkpoints WHERE {where}",
@@ -246,10 +189,11 @@ class StateStore:
 
     # -- samplers (sampling sessions) -----------------------------------------------------
 
-    def add_sampler(self, sampler_id: str, session_id: str, base_model: str, adapter_id: str | None,
+    def add_sampler(self, sampler_id: str, session_id: str, user: str, base_model: str, adapter_id: str | None,
                     model_path: str | None) -> None:
-        self.db.execute("INSERT OR REPLACE INTO samplers VALUES (?,?,?,?,?,?)",
-                        (sampler_id, session_id, base_model, adapter_id, model_path, time.time()))
+        self.db.execute("INSERT OR REPLACE INTO samplers(sampler_id, session_id, user, base_model, adapter_id,"
+                        " model_path, created) VALUES (?,?,?,?,?,?,?)",
+                        (sampler_id, session_id, user, base_model, adapter_id, model_path, time.time()))
 
     def sampler(self, sampler_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM samplers WHERE sampler_id=?", (sampler_id,))
@@ -260,9 +204,9 @@ class StateStore:
 
     # -- futures --------------------------------------------------------------------------
 
-    def add_future(self, request_id: str, kind: str) -> None:
-        self.db.execute("INSERT INTO futures(request_id, kind, state, created) VALUES (?,?,'pending',?)",
-                        (request_id, kind, time.time()))
+    def add_future(self, request_id: str, kind: str, user: str) -> None:
+        self.db.execute("INSERT INTO futures(request_id, kind, user, state, created) VALUES (?,?,?,'pending',?)",
+                        (request_id, kind, user, time.time()))
 
     def settle_future(self, request_id: str, state: str, result: bytes | None = None, error: str = "",
                       category: str = "") -> None:
@@ -282,5 +226,54 @@ class StateStore:
     def delete_futures_settled_before(self, cutoff: float) -> int:
         return self.db.execute("DELETE FROM futures WHERE settled IS NOT NULL AND settled < ?", (cutoff,)).rowcount
 
+    # -- samples recorded for stable_reinforce (record_stability_info) ------------------
+
+    def add_sampled_sequences(self, rows: list[tuple]) -> None:
+        """rows: (sequence_id, session_id, user, sampling_session_id, adapter_id, prompt_tokens,
+        tokens, logprobs, params); arrays as raw little-endian bytes, params as JSON text."""
+        now = time.time()
+        self.db.executemany("INSERT OR REPLACE INTO sampled_sequences VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            [(*row, now, now) for row in rows])
+
+    def sampled_sequences(self, sequence_ids: list[str], used_after: float) -> dict[str, dict[str, Any]]:
+        """The recorded sequences among `sequence_ids` last used after `used_after` (unexpired)."""
+        found = {}
+        for start in range(0, len(sequence_ids), _SQL_VARIABLES):
+            chunk = sequence_ids[start:start + _SQL_VARIABLES]
+            marks = ",".join("?" * len(chunk))
+            for row in self._all(f"SELECT * FROM sampled_sequences WHERE sequence_id IN ({marks}) AND last_used > ?",
+                                 (*chunk, used_after)):
+                found[row["sequence_id"]] = row
+        return found
+
+    def touch_sampled_sequences(self, sequence_ids: list[str]) -> None:
+        now = time.time()
+        self.db.executemany("UPDATE sampled_sequences SET last_used=? WHERE sequence_id=?",
+                            [(now, s) for s in sequence_ids])
+
+    def delete_sampled_sequences_unused_since(self, cutoff: float) -> int:
+        return self.db.execute("DELETE FROM sampled_sequences WHERE last_used <= ?", (cutoff,)).rowcount
+
+    # -- users ----------------------------------------------------------------------------
+
+    def reassign_user(self, from_user: str, to_user: str) -> dict[str, int]:
+        """Hand every row of `from_user` to `to_user` (say, the legacy rows); rows moved per table."""
+        moved = {}
+        self.db.execute("BEGIN")
+        try:
+            for table in (*OWNED_TABLES, "sampled_sequences"):
+                moved[table] = self.db.execute(f"UPDATE {table} SET user=? WHERE user=?",
+                                               (to_user, from_user)).rowcount
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return moved
+
     def close(self) -> None:
         self.db.close()
+
+
+def _of_user(user: str | None, column: str = "user") -> tuple[str, tuple]:
+    """A WHERE clause selecting one user's rows; every row for user None (an admin's view)."""
+    return ("1", ()) if user is None else (f"{column}=?", (user,))

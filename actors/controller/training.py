@@ -26,9 +26,9 @@ from actors.controller.store import StateStore
 from actors.controller.workers import WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, LoadWeightsReq, OptimStepReq,
-    SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq, SubmitResp, TrainerCreateAdapterReq, TrainerDropAdapterReq,
-    TrainerForwardBackwardReq, TrainerLoadStateReq, TrainerOptimStepReq, TrainerPushAdapterReq,
+    Caller, CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, LoadWeightsReq, OptimStepReq,
+    SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq, SubmitResp, TrainerCreateAdapterReq,
+    TrainerDropAdapterReq, TrainerForwardBackwardReq, TrainerLoadStateReq, TrainerOptimStepReq, TrainerPushAdapterReq,
     TrainerSaveStateReq,
 )
 
@@ -40,6 +40,7 @@ _CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 class TrainingRun:
     model_id: str
     session_id: str
+    user: str
     base_model: str
     lora: Any  # LoraSpec, with the seed filled in
     slot: int
@@ -95,17 +96,20 @@ class TrainingService:
 
     # -- submission ---------------------------------------------------------------------
 
-    def run_for(self, model_id: str) -> TrainingRun:
+    def run_for(self, model_id: str, caller: Caller) -> TrainingRun:
+        """The caller's live run `model_id`; 404 if it is not theirs, 410 if it is gone."""
         run = self.runs.get(model_id)
         if run is None:
-            raise self._gone(model_id)
+            raise self._gone(model_id, caller)
+        if not caller.owns(run.user):
+            raise _unknown_model(model_id)
         return run
 
-    def _gone(self, model_id: str) -> ApiError:
+    def _gone(self, model_id: str, caller: Caller) -> ApiError:
         """Why there is no live run for model_id: never was, the server restarted, or its session ended."""
         row = self.store.training_run(model_id)
-        if row is None:
-            return ApiError(404, f"unknown model_id {model_id!r}")
+        if row is None or not caller.owns(row["user"]):
+            return _unknown_model(model_id)
         hint = "resume from a checkpoint with ServiceClient.create_training_client_from_state(<tinker path>)"
         latest = self.store.latest_checkpoint(model_id, "weights")
         hint += f"; its latest training checkpoint is {latest['tinker_path']}" if latest else \
@@ -117,41 +121,54 @@ class TrainingService:
         why = "expired (no heartbeat)" if reason == "expired" else f"finished ({reason})"
         return ApiError(410, f"model {model_id!r} is gone: its session {row['session_id']} {why}; {hint}")
 
-    def create(self, req: CreateModelReq) -> SubmitResp:
+    def create(self, req: CreateModelReq, user: str) -> SubmitResp:
+        """A new run in the caller's session `req.session_id` (its owner is `user`)."""
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         if model_id in self.runs:  # the SDK retried a create whose answer got lost
             return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
         self._check_base_model(req.base_model)
         self._check_lora(req.lora)
         spec = replace(req.lora, seed=req.lora.seed if req.lora.seed is not None else random.randrange(2**31))
-        run = self._new_run(model_id, req.session_id, spec, req.user_metadata)
+        run = self._new_run(model_id, req.session_id, user, spec, req.user_metadata)
         self._queue.put_nowait(_Op(run, run.create_request_id, replace(req, lora=spec)))
         return SubmitResp(request_id=run.create_request_id, model_id=model_id)
 
-    def create_from_state(self, req: LoadWeightsReq) -> SubmitResp:
+    def create_from_state(self, req: LoadWeightsReq, user: str) -> SubmitResp:
         """`create_training_client_from_state`: the load is the new model's seq 0."""
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         if model_id in self.runs:
             return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
         self._loadable_checkpoint(req)
-        run = self._new_run(model_id, req.session_id, None, req.user_metadata)
+        run = self._new_run(model_id, req.session_id, user, None, req.user_metadata)
         self._queue.put_nowait(_Op(run, run.create_request_id, req))
         return SubmitResp(request_id=run.create_request_id, model_id=model_id)
 
-    def _new_run(self, model_id: str, session_id: str, spec, user_metadata: dict) -> TrainingRun:
+    def _new_run(self, model_id: str, session_id: str, user: str, spec, user_metadata: dict) -> TrainingRun:
+        self._check_user_quota(user)
         if not self.free_slots:
             # 400, not 503: the SDK retries a 503 silently for minutes, which looks like a hang
             raise ApiError(400, f"all {self.config.trainer.max_adapters} adapter slots are in use; "
                                 "finish a session or start tinkerd with a larger --max-adapters")
-        request_id = self.futures.create("create_model")
-        run = TrainingRun(model_id, session_id, self.config.model.name, spec, self.free_slots.pop(), request_id)
+        request_id = self.futures.create("create_model", user)
+        run = TrainingRun(model_id, session_id, user, self.config.model.name, spec, self.free_slots.pop(),
+                          request_id)
         self.runs[model_id] = run
-        self.store.add_training_run(model_id, session_id, run.base_model, vars(spec) if spec else {}, user_metadata)
+        self.store.add_training_run(model_id, session_id, user, run.base_model, vars(spec) if spec else {},
+                                    user_metadata)
         return run
+
+    def _check_user_quota(self, user: str) -> None:
+        limit = self.config.controller.max_adapters_per_user
+        held = sum(1 for r in self.runs.values() if r.user == user)
+        if limit is not None and held >= limit:
+            # 429: the SDK retries it (for up to 5 minutes), and a slot of this user's may free up meanwhile
+            raise ApiError(429, f"user {user!r} already holds {held} training runs, the most "
+                                f"--max-adapters-per-user={limit} allows; finish one of your sessions (or let it "
+                                "expire) to free an adapter slot")
 
     def submit(self, req: ForwardBackwardReq | OptimStepReq | SaveWeightsForSamplerReq | SaveWeightsReq
                | SaveWeightsExternalReq | LoadWeightsReq) -> SubmitResp:
-        run = self.run_for(req.model_id)
+        run = self.run_for(req.model_id, req.caller)
         existing = run.ledger.known_request(req.seq_id)
         if existing is not None:
             return SubmitResp(request_id=existing, model_id=run.model_id)
@@ -160,9 +177,9 @@ class TrainingService:
         try:
             self._check_request(run, req)
         except ApiError:
-            self.skip(run.model_id, req.seq_id)
+            self.skip(run, req.seq_id)
             raise
-        request_id = self.futures.create(type(req).__name__)
+        request_id = self.futures.create(type(req).__name__, run.user)
         for op in run.ledger.submit(req.seq_id, request_id, _Op(run, request_id, req)):
             self._queue.put_nowait(op)
         self.store.touch_training_run(run.model_id)
@@ -180,9 +197,8 @@ class TrainingService:
         elif isinstance(req, LoadWeightsReq):
             self._loadable_checkpoint(req)
 
-    def skip(self, model_id: str, seq_id: int) -> None:
+    def skip(self, run: TrainingRun, seq_id: int) -> None:
         """A refused submission still spent its seq_id: let the requests after it run."""
-        run = self.run_for(model_id)
         for op in run.ledger.skip(seq_id):
             self._queue.put_nowait(op)
 
@@ -226,8 +242,9 @@ class TrainingService:
             raise ApiError(400, f"checkpoint {tinker_path} already exists (pass overwrite=True to replace it)")
 
     def _loadable_checkpoint(self, req: LoadWeightsReq) -> dict:
+        """The checkpoint to load: the caller's own, or a published one."""
         checkpoint = self.store.checkpoint(req.path)
-        if checkpoint is None:
+        if checkpoint is None or not (checkpoint["public"] or req.caller.owns(checkpoint["user"])):
             raise ApiError(404, f"no checkpoint at {req.path!r}")
         if req.with_optimizer and checkpoint["kind"] != "weights":
             raise ApiError(400, f"{req.path} is a {checkpoint['kind']} checkpoint without optimizer state; "
@@ -305,11 +322,11 @@ class TrainingService:
             slot=run.slot, adapter_id=adapter_id, engine_addresses=addresses, save_dir=save_dir))
         self.sampling.adapter_loaded(adapter_id, owner_session=run.session_id, disk_path=save_dir)
         if req.name is not None:
-            self.store.add_checkpoint(adapter_id, run.model_id, "sampler_weights", req.name, save_dir,
+            self.store.add_checkpoint(adapter_id, run.model_id, run.user, "sampler_weights", req.name, save_dir,
                                       replies[0].size_bytes, expiry_for(req.ttl_seconds), req.user_metadata)
             return JsonResult(payload={"path": adapter_id})
         sampling_session_id = self.sampling.add_session(
-            run.session_id, req.sampling_session_seq_id, run.base_model, adapter_id, model_path=None)
+            run.session_id, run.user, req.sampling_session_seq_id, run.base_model, adapter_id, model_path=None)
         return JsonResult(payload={"path": None, "sampling_session_id": sampling_session_id})
 
     async def execute_SaveWeightsReq(self, run: TrainingRun, req: SaveWeightsReq) -> JsonResult:
@@ -318,7 +335,7 @@ class TrainingService:
         directory = self._checkpoint_dir(run, "weights", req.name)
         replies = await self.workers.trainer_broadcast(
             lambda: TrainerSaveStateReq(slot=run.slot, directory=directory, with_optimizer=True))
-        self.store.add_checkpoint(path, run.model_id, "weights", req.name, directory, replies[0].size_bytes,
+        self.store.add_checkpoint(path, run.model_id, run.user, "weights", req.name, directory, replies[0].size_bytes,
                                   expiry_for(req.ttl_seconds), req.user_metadata)
         return JsonResult(payload={"path": path})
 
@@ -329,7 +346,7 @@ class TrainingService:
         directory = self._checkpoint_dir(run, "external_weights", req.name)
         replies = await self.workers.trainer_broadcast(lambda: TrainerPushAdapterReq(
             slot=run.slot, adapter_id=path, engine_addresses=[], save_dir=directory))
-        self.store.add_checkpoint(path, run.model_id, "external_weights", req.name, directory,
+        self.store.add_checkpoint(path, run.model_id, run.user, "external_weights", req.name, directory,
                                   replies[0].size_bytes, expiry_for(req.ttl_seconds))
         return JsonResult(payload={"path": path, "size_bytes": replies[0].size_bytes})
 
@@ -347,3 +364,7 @@ class TrainingService:
             await self.workers.trainer_broadcast(lambda: TrainerDropAdapterReq(slot=run.slot))
         finally:
             self.free_slots.append(run.slot)
+
+
+def _unknown_model(model_id: str) -> ApiError:
+    return ApiError(404, f"unknown model_id {model_id!r}")

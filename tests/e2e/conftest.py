@@ -37,16 +37,21 @@ class RunningCluster:
         self.base_url = base_url
         self.state_dir = state_dir
 
-    def service_client(self):
+    def service_client(self, api_key: str = API_KEY):
         import tinker
 
-        return tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
+        return tinker.ServiceClient(base_url=self.base_url, api_key=api_key)
 
-    def http_client(self, timeout_s: float = 60):
+    def rest_client(self, api_key: str = API_KEY):
+        import tinker
+
+        return tinker.RestClient(base_url=self.base_url, api_key=api_key)
+
+    def http_client(self, timeout_s: float = 60, api_key: str = API_KEY):
         """Raw HTTP to /api/v1, for what the SDK would not send (bad input, ids we pick)."""
         import httpx
 
-        return httpx.Client(base_url=self.base_url + "/api/v1", headers={"X-API-Key": API_KEY}, timeout=timeout_s)
+        return httpx.Client(base_url=self.base_url + "/api/v1", headers={"X-API-Key": api_key}, timeout=timeout_s)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from actors.controller.controller import Controller
 from api.server import connect_controller, start_http
 from cluster.config import ApiConfig, ClusterConfig, ControllerConfig, ModelConfig
 from cluster.messages import ForwardBackwardResult, SampledSequence, SampleResult
+from cluster.users import key_fingerprint_user
 
 KEY = {"X-API-Key": "tml-unit"}
 
@@ -102,12 +103,24 @@ def test_auth_config_and_health(tmp_path):
     asyncio.run(scenario())
 
 
-def test_allow_listed_keys_only(tmp_path):
+def test_listed_keys_only_and_each_sees_only_its_users_sessions(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("tml-alice-1 alice\ntml-alice-2 alice  # her laptop\ntml-bob bob\ntml-root root admin\n")
+    alice, alice_laptop, bob, root = ({"X-API-KEY": k} for k in ("tml-alice-1", "tml-alice-2", "tml-bob", "tml-root"))
+
     async def scenario():
-        async with api_stack(make_config(tmp_path, api_keys=["secret-1"])) as (http, _):
-            await expect_error(await http.post("/api/v1/client/config", json={}, headers=KEY), 401)
-            resp = await http.post("/api/v1/client/config", json={}, headers={"X-API-KEY": "secret-1"})
-            assert resp.status == 200
+        async with api_stack(make_config(tmp_path, api_keys_file=str(keys))) as (http, _):
+            await expect_error(await http.post("/api/v1/client/config", json={}, headers=KEY), 401, "invalid")
+            assert (await http.post("/api/v1/client/config", json={}, headers=alice)).status == 200
+            session_id = (await (await http.post("/api/v1/create_session", json={}, headers=alice)).json())[
+                "session_id"]
+            beat = {"session_id": session_id, "type": "session_heartbeat"}
+            assert (await http.post("/api/v1/session_heartbeat", json=beat, headers=alice_laptop)).status == 200
+            await expect_error(await http.post("/api/v1/session_heartbeat", json=beat, headers=bob), 404,
+                               session_id)
+            assert (await http.post("/api/v1/session_heartbeat", json=beat, headers=root)).status == 200
+            assert (await (await http.get("/api/v1/sessions", headers=bob)).json())["sessions"] == []
+            assert (await (await http.get("/api/v1/sessions", headers=root)).json())["sessions"] == [session_id]
 
     asyncio.run(scenario())
 
@@ -204,7 +217,8 @@ def test_sampling_sessions_samples_and_failed_futures(tmp_path):
             await expect_error(await http.post("/api/v1/asample", headers=KEY, json={
                 **sample, "sampling_params": {"max_tokens": 62}}), 400, "3 + 62 > 64")
 
-            done, failed = controller.futures.create("sample"), controller.futures.create("sample")
+            user = key_fingerprint_user(KEY["X-API-Key"])
+            done, failed = controller.futures.create("sample", user), controller.futures.create("sample", user)
             controller.futures.resolve(done, SampleResult(
                 sequences=[SampledSequence(tokens=np.array([5], np.int32), logprobs=np.array([-0.5], np.float32),
                                            stop_reason="stop")] * 2,

@@ -23,7 +23,7 @@ from api.json_fields import JsonObject, as_json_object
 from api.tensors import tensor_data_json, tensor_from_json, tensor_from_proto
 from cluster.config import ModelConfig
 from cluster.loss_specs import TARGET_TOKENS, LossSpec, supported_loss_spec
-from cluster.messages import DatumBatch, ForwardBackwardReq, ForwardBackwardResult
+from cluster.messages import DatumBatch, DatumProvenance, ForwardBackwardReq, ForwardBackwardResult, ProvenanceSpan
 
 MAX_BODY_BYTES = 256 * 2**20  # also the cap on a decompressed body
 OUTPUT_TYPE = "ArrayRecord"  # the SDK exposes this name as `loss_fn_output_type`
@@ -33,6 +33,7 @@ OUTPUT_TYPE = "ArrayRecord"  # the SDK exposes this name as `loss_fn_output_type
 class _Datum:
     tokens: np.ndarray  # int64 [n]
     inputs: dict[str, np.ndarray]
+    provenance: DatumProvenance | None = None  # protobuf requests only (SDK 0.38's Datum.with_provenance)
 
 
 # -- protobuf requests ----------------------------------------------------------------
@@ -98,8 +99,24 @@ def _datum_from_proto(index: int, datum) -> _Datum:
     tokens = np.concatenate(pieces).astype(np.int64) if pieces else np.zeros(0, np.int64)
     inputs = {name: tensor_from_proto(tensor, f"{where}.loss_fn_inputs[{name!r}]")
               for name, tensor in datum.loss_fn_inputs.items()}
-    # provenance spans only matter to stable_reinforce, which is not served, so they are not read
-    return _Datum(tokens, inputs)
+    provenance = None
+    if datum.model_input_spans or datum.loss_fn_input_spans:
+        provenance = DatumProvenance(
+            model_input=_spans_from_proto(f"{where}.model_input_spans", datum.model_input_spans),
+            targets=_spans_from_proto(f"{where}.loss_fn_input_spans", datum.loss_fn_input_spans))
+    return _Datum(tokens, inputs, provenance)
+
+
+def _spans_from_proto(where: str, spans) -> list[ProvenanceSpan]:
+    out = []
+    for j, span in enumerate(spans):
+        kind = span.WhichOneof("span")
+        if kind is None:
+            raise bad_request(f"{where}[{j}] is an empty span: set prompt_tokens or sampled_tokens")
+        run = getattr(span, kind)
+        out.append(ProvenanceSpan(sequence_id=run.sequence_id, sampled=kind == "sampled_tokens",
+                                  offset=int(run.offset), length=int(run.length)))
+    return out
 
 
 def _unsupported_chunk(where: str, kind: str | None) -> HttpError:
@@ -179,8 +196,39 @@ def _request(model_id: str, seq_id: int, loss_fn: str, config: dict[str, float |
         lengths=np.array([len(d.tokens) for d in checked], dtype=np.int64),
         loss_inputs={name: np.concatenate([d.inputs[name] for d in checked]) for name in spec.input_names},
     )
+    provenance = [_checked_provenance(f"data[{i}]", d, spec) for i, d in enumerate(checked)] \
+        if spec.needs_provenance else None
     return ForwardBackwardReq(model_id=model_id, seq_id=seq_id, loss_fn=loss_fn, loss_fn_config=config,
-                              forward_only=forward_only, batch=batch)
+                              forward_only=forward_only, batch=batch, provenance=provenance)
+
+
+def _checked_provenance(where: str, datum: _Datum, spec: LossSpec) -> DatumProvenance:
+    """The datum's spans, each well formed and together tiling model_input and target_tokens.
+
+    Whether they match the recorded samples is the controller's to check: it holds them.
+    """
+    if datum.provenance is None:
+        raise bad_request(f"{where} has no provenance spans: {spec.name} trains on samples recorded with "
+                          "record_stability_info=True, and every datum must name them (Datum.with_provenance: "
+                          "model_input_spans and loss_fn_input_spans)")
+    targets = datum.inputs[TARGET_TOKENS]
+    if targets.ndim != 1:
+        raise bad_request(f"{where}.loss_fn_inputs['target_tokens'] has shape {list(targets.shape)}; {spec.name} "
+                          f"takes one target per position ([{len(targets)}])")
+    _check_tiling(f"{where}.model_input_spans", datum.provenance.model_input, "model_input", len(datum.tokens))
+    _check_tiling(f"{where}.loss_fn_input_spans", datum.provenance.targets, "target_tokens", len(targets))
+    return datum.provenance
+
+
+def _check_tiling(where: str, spans: list[ProvenanceSpan], field: str, length: int) -> None:
+    for j, span in enumerate(spans):
+        if not span.sequence_id or span.offset < 0 or span.length < 0:
+            raise bad_request(f"{where}[{j}] needs a sequence_id, an offset >= 0 and a length >= 0; got "
+                              f"{span.sequence_id!r}, {span.offset}, {span.length}")
+    covered = sum(span.length for span in spans)
+    if covered != length:
+        raise bad_request(f"{where} cover {covered} positions but {field} has {length}: the spans must tile it "
+                          "exactly, in order")
 
 
 def _checked_datum(where: str, datum: _Datum, spec: LossSpec, model: ModelConfig) -> _Datum:
@@ -220,7 +268,7 @@ def _checked_datum(where: str, datum: _Datum, spec: LossSpec, model: ModelConfig
             inputs[spec_input.name] = value.astype(np.int64, copy=False)
         else:
             inputs[spec_input.name] = value.astype(np.float32, copy=False)
-    return _Datum(datum.tokens, inputs)
+    return _Datum(datum.tokens, inputs, datum.provenance)
 
 
 def check_token_ids(where: str, ids: np.ndarray, vocab_size: int) -> None:

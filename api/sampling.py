@@ -45,7 +45,8 @@ def sample_request_from_json(body: JsonObject, model: ModelConfig) -> SampleReq:
         raise bad_request("sampling_session_id is required: create a sampling client first")
     return SampleReq(sampling_session_id=body.get_str("sampling_session_id"), seq_id=body.get_int("seq_id"),
                      prompt_tokens=prompt, num_samples=num_samples, params=params,
-                     prompt_logprobs=body.get_bool("prompt_logprobs", False), topk_prompt_logprobs=topk)
+                     prompt_logprobs=body.get_bool("prompt_logprobs", False), topk_prompt_logprobs=topk,
+                     record_stability_info=body.get_bool("record_stability_info", False))
 
 
 def _reject_unsupported_options(body: JsonObject) -> None:
@@ -57,8 +58,6 @@ def _reject_unsupported_options(body: JsonObject) -> None:
     for name in ("prompt_alt_tokens_k", "topk_sample_logprobs"):
         if body.get_int(name, 0) > 0:
             unsupported.append(name)
-    if body.get_bool("record_stability_info", False):
-        unsupported.append("record_stability_info")
     if unsupported:
         raise bad_request(f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported "
                           "by this server yet")

@@ -2,8 +2,8 @@
 
 The API validates requests against this table before anything is queued, so a bad
 datum is a 400 naming the datum and field instead of a failed future. The trainer
-implements the maths (actors/trainer/losses.py); `SUPPORTED_LOSSES` is the subset it
-implements today, and the one place to extend when a loss is added there.
+implements the maths (actors/trainer/losses.py); LOSS_SPECS is the one place to extend
+when a loss is added there.
 
 Every input is per-token: its first dimension is the datum's model_input length and
 its shape equals that of `target_tokens` (`[N]`, or `[N, K]` for top-k targets).
@@ -28,6 +28,8 @@ class LossInput:
 class LossSpec:
     name: str
     inputs: tuple[LossInput, ...]
+    # every datum must name the recorded samples it reproduces (provenance spans)
+    needs_provenance: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -47,16 +49,25 @@ LOSS_SPECS: dict[str, LossSpec] = {
     "dro": LossSpec("dro", _POLICY_INPUTS),
     # which tokens count toward the datum's sequence-level ratio
     "gspo": LossSpec("gspo", (*_POLICY_INPUTS, LossInput("sequence_ratio_mask", "float32"))),
-    # plus provenance spans naming samples recorded with record_stability_info
-    "stable_reinforce": LossSpec("stable_reinforce", _POLICY_INPUTS),
+    # provenance spans name the samples recorded with record_stability_info; the server
+    # trains on the logprobs it recorded itself, so the client's `logprobs` may be left out
+    "stable_reinforce": LossSpec("stable_reinforce", (_TARGETS, LossInput("logprobs", "float32", fill=0.0),
+                                                      LossInput("advantages", "float32")), needs_provenance=True),
 }
 
-SUPPORTED_LOSSES: frozenset[str] = frozenset({"cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"})
+# loss names the SDK knows that this server does not run, and why
+UNSERVED_LOSSES = {"custom": "server-side custom losses are not served (client/config leaves them off); "
+                             "forward_backward_custom computes custom losses client-side"}
+
+# filled in by the controller for stable_reinforce (1 on targets a recorded sequence sampled),
+# never taken from a client: the spec above does not list it
+SAMPLED_MASK = "sampled_mask"
 
 
 def supported_loss_spec(loss_fn: str) -> LossSpec:
     """The spec of a loss this server runs; ValueError naming the supported ones otherwise."""
-    if loss_fn not in SUPPORTED_LOSSES:
-        known = "is not supported by this server yet" if loss_fn in LOSS_SPECS else "is not a loss this server knows"
-        raise ValueError(f"loss_fn {loss_fn!r} {known}; supported: {', '.join(sorted(SUPPORTED_LOSSES))}")
-    return LOSS_SPECS[loss_fn]
+    spec = LOSS_SPECS.get(loss_fn)
+    if spec is None:
+        why = UNSERVED_LOSSES.get(loss_fn, "is not a loss this server knows")
+        raise ValueError(f"loss_fn {loss_fn!r}: {why}; supported: {', '.join(sorted(LOSS_SPECS))}")
+    return spec

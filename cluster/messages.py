@@ -389,6 +389,8 @@ class SampleReq(UserReq):
     params: SamplingParams
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # keep each sequence (prompt, tokens, logprobs, adapter, params) for stable_reinforce
+    record_stability_info: bool = False
 
 
 @message

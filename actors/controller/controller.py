@@ -24,6 +24,7 @@ from actors.controller.checkpoints import CheckpointService, as_str_dict
 from actors.controller.errors import ApiError
 from actors.controller.futures import FutureStore, UnknownFuture
 from actors.controller.sampling import SamplingService
+from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.training import TrainingService
 from actors.controller.workers import WorkerPool
@@ -60,9 +61,10 @@ class Controller:
         self.futures = FutureStore(self.store)
         self.workers = WorkerPool(self.ctx, config.controller.worker_address,
                                   config.trainer.ranks, config.engine.count)
-        self.sampling = SamplingService(config, self.workers, self.futures, self.store)
+        self.stability = StabilityRecords(self.store)
+        self.sampling = SamplingService(config, self.workers, self.futures, self.store, self.stability)
         self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling,
-                                        self.started_at)
+                                        self.stability, self.started_at)
         self.checkpoints = CheckpointService(self.store)
         self.sessions: dict[str, Session] = {}
         self.api = AsyncPeer(self.ctx, zmq.ROUTER, config.controller.api_address, bind=True)
@@ -127,6 +129,7 @@ class Controller:
             self.futures.sweep()
             self.sampling.sweep()
             self.checkpoints.sweep()
+            self.stability.sweep()
             deadline = time.monotonic() - self.config.controller.session_timeout_s
             for session in [s for s in self.sessions.values() if not s.finished and s.last_heartbeat < deadline]:
                 log.info("session %s expired (no heartbeat)", session.session_id)

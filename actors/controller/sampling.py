@@ -19,19 +19,23 @@ cursor from before a restart is never ahead of the new ones.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
+from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.workers import EngineHandle, WorkerFailure, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
     Caller, CreateSamplingSessionReq, EngineCancelSampleReq, EngineLoadAdapterFromDiskReq, EngineSampleReq,
-    EngineUnloadAdapterReq, FutureCompletion, RetrieveFuturesReq, RetrieveFuturesResp, SampleReq, SubmitResp,
+    EngineUnloadAdapterReq, FutureCompletion, RetrieveFuturesReq, RetrieveFuturesResp, SampleReq, SampleResult,
+    SubmitResp,
 )
 from cluster.transport import RemoteError
 
@@ -81,8 +85,10 @@ class _CompletionLog:
 
 
 class SamplingService:
-    def __init__(self, config: ClusterConfig, workers: WorkerPool, futures: FutureStore, store: StateStore):
+    def __init__(self, config: ClusterConfig, workers: WorkerPool, futures: FutureStore, store: StateStore,
+                 stability: StabilityRecords):
         self.config = config
+        self.stability = stability
         self.workers = workers
         self.futures = futures
         self.store = store
@@ -212,7 +218,11 @@ class SamplingService:
             adapter_id=session.adapter_id, request_id=request_id, prompt_tokens=req.prompt_tokens,
             num_samples=req.num_samples, params=req.params, prompt_logprobs=req.prompt_logprobs,
             topk_prompt_logprobs=req.topk_prompt_logprobs)
-        task = asyncio.get_running_loop().create_task(self._sample(request_id, engine_req))
+        record = None
+        if req.record_stability_info:  # for stable_reinforce, which trains on what is recorded here
+            record = functools.partial(self.stability.record, session.session_id, session.user,
+                                       req.sampling_session_id, session.adapter_id, req, resp.sample_sequence_ids)
+        task = asyncio.get_running_loop().create_task(self._sample(request_id, engine_req, record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return resp
@@ -222,24 +232,31 @@ class SamplingService:
         self._running[request_id] = engine
         return await self.workers.engine_call(engine_req, engine)
 
-    async def _sample(self, request_id: str, engine_req: EngineSampleReq) -> None:
+    async def _sample(self, request_id: str, engine_req: EngineSampleReq,
+                      record: Callable[[SampleResult], None] | None) -> None:
+        """Run one sample request and settle its future; `record` keeps its sequences first."""
         try:
-            try:
-                resp = await self._on_engine(request_id, engine_req)
-            except RemoteError as exc:
-                adapter = self.adapters.get(engine_req.adapter_id or "")
-                if exc.status != 410 or adapter is None or not adapter.disk_path:
-                    raise
-                # an engine evicted this snapshot (or never had it: a restored session); reload it from disk
-                await self._load_from_disk(engine_req.adapter_id, adapter.disk_path)
-                resp = await self._on_engine(request_id, engine_req)
+            result = await self._sampled(request_id, engine_req)
+            if record is not None:
+                record(result)
         except Exception as exc:
             error, category = failure_of(exc, "sample")
             self._settle(request_id, error=error, category=category)
         else:
-            self._settle(request_id, result=resp.result)
+            self._settle(request_id, result=result)
         finally:
             self._running.pop(request_id, None)
+
+    async def _sampled(self, request_id: str, engine_req: EngineSampleReq) -> SampleResult:
+        try:
+            return (await self._on_engine(request_id, engine_req)).result
+        except RemoteError as exc:
+            adapter = self.adapters.get(engine_req.adapter_id or "")
+            if exc.status != 410 or adapter is None or not adapter.disk_path:
+                raise
+        # an engine evicted this snapshot (or never had it: a restored session); reload it from disk
+        await self._load_from_disk(engine_req.adapter_id, adapter.disk_path)
+        return (await self._on_engine(request_id, engine_req)).result
 
     def _settle(self, request_id: str, result=None, error: str = "", category: str = "server") -> None:
         if not self.futures.is_pending(request_id):

@@ -22,6 +22,7 @@ from actors.controller.checkpoints import expiry_for
 from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
 from actors.controller.ledger import SeqLedger
+from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.workers import WorkerPool
 from cluster.config import ClusterConfig
@@ -83,13 +84,15 @@ def merge_metrics(shards: list[tuple[dict[str, float], int]]) -> dict[str, float
 
 class TrainingService:
     def __init__(self, config: ClusterConfig, workers: WorkerPool, futures: FutureStore,
-                 store: StateStore, sampling, started_at: float):
+                 store: StateStore, sampling, stability: StabilityRecords, started_at: float):
         self.config = config
         self.started_at = started_at  # unix time this controller started: older runs lost their adapters
         self.workers = workers
         self.futures = futures
         self.store = store
         self.sampling = sampling
+        self.stability = stability
+        self._stable_reinforce_sessions: set[str] = set()  # the notice is logged once per session
         self.runs: dict[str, TrainingRun] = {}
         self.free_slots = list(range(config.trainer.max_adapters, 0, -1))
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
@@ -175,7 +178,7 @@ class TrainingService:
         if req.seq_id < 1:
             raise ApiError(400, f"seq_id must be >= 1 (0 is the model's creation), got {req.seq_id}")
         try:
-            self._check_request(run, req)
+            req = self._checked_request(run, req)
         except ApiError:
             self.skip(run, req.seq_id)
             raise
@@ -185,8 +188,12 @@ class TrainingService:
         self.store.touch_training_run(run.model_id)
         return SubmitResp(request_id=request_id, model_id=run.model_id)
 
-    def _check_request(self, run: TrainingRun, req) -> None:
-        if isinstance(req, SaveWeightsForSamplerReq):
+    def _checked_request(self, run: TrainingRun, req):
+        """The request as it will run, once everything checkable at submission is checked."""
+        if isinstance(req, ForwardBackwardReq) and req.provenance is not None:
+            self._notice_stable_reinforce(run)
+            req = replace(req, batch=self.stability.training_batch(run.session_id, run.user, req), provenance=None)
+        elif isinstance(req, SaveWeightsForSamplerReq):
             self._check_save(run, req)
         elif isinstance(req, SaveWeightsReq):
             self._check_name(req.name)
@@ -196,6 +203,15 @@ class TrainingService:
             self._check_not_saved(self._external_path(run, req.name), overwrite=False)
         elif isinstance(req, LoadWeightsReq):
             self._loadable_checkpoint(req)
+        return req
+
+    def _notice_stable_reinforce(self, run: TrainingRun) -> None:
+        if run.session_id not in self._stable_reinforce_sessions:
+            self._stable_reinforce_sessions.add(run.session_id)
+            log.warning("session %s trains with stable_reinforce: tinkerd's own objective (truncated-IS REINFORCE "
+                        "with IcePop masking on the sampler logprobs it recorded; README 'stable_reinforce'), not "
+                        "Thinking Machines' unpublished one, so results will differ from the hosted service's",
+                        run.session_id)
 
     def skip(self, run: TrainingRun, seq_id: int) -> None:
         """A refused submission still spent its seq_id: let the requests after it run."""

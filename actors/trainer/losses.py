@@ -19,6 +19,7 @@ results by the reduction suffix and crashes on any other shape of key.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping
 
 import torch
@@ -181,6 +182,57 @@ def gspo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
     return -torch.minimum(ratio * advantages, clipped * advantages), {}
 
 
+# tinkerd's stable_reinforce (Thinking Machines' own objective is unpublished): TIS's
+# truncation cap C (Yao et al. 2025, "Your efficient RL framework secretly brings you
+# off-policy RL training": C = 2) and IcePop's mask bound M (Ring-1T report, 2025: tokens
+# whose train/infer ratio leaves [0.5, 5] are dropped; here symmetric in log space).
+STABLE_REINFORCE_DEFAULTS = {"ratio_cap": 2.0, "ratio_mask": 5.0, "kl_coeff": 0.0}
+
+
+def stable_reinforce(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
+                     lengths: torch.Tensor | None = None) -> LossResult:
+    """Off-policy-robust REINFORCE against the sampler logprobs the server recorded itself.
+
+    On the tokens a recorded sequence sampled (`sampled_mask` 1; the controller fills it and
+    `logprobs` q from its own records, never from the client), with r_t = exp(logp_t - q_t):
+
+        keep_t = 1 if 1/M <= r_t <= M else 0      (IcePop: drop, don't clip, outlier tokens)
+        w_t    = sg(min(r_t, C))                  (truncated importance weight, TIS)
+        kl_t   = r_t - 1 - log r_t                (k3 estimate of KL(sampler || policy) on tokens
+                                                   the sampler drew; gradient (r_t - 1) dlogp_t)
+        loss_t = keep_t * (-w_t * A_t * logp_t + kl_coeff * kl_t)
+
+    and loss_t = 0 on every other token. C = `ratio_cap` (default 2; inf = no truncation),
+    M = `ratio_mask` (default 5, >= 1; inf = no masking), `kl_coeff` (default 0); log r is
+    capped at GSPO_MAX_LOG_RATIO (20) so that absurd inputs stay finite. Metrics:
+    `masked_frac:mean` (share of sampled tokens dropped), `ratio:mean` (mean r over sampled
+    tokens), `kl:mean` (mean kl_t over the kept ones). Targets must be `[N]`.
+    """
+    cfg = _numeric_config("stable_reinforce", config, STABLE_REINFORCE_DEFAULTS)
+    cap, bound, kl_coeff = cfg["ratio_cap"], cfg["ratio_mask"], cfg["kl_coeff"]
+    if not (cap > 0 and bound >= 1 and 0 <= kl_coeff < float("inf")):
+        raise ValueError(f"stable_reinforce needs ratio_cap > 0, ratio_mask >= 1 and a finite kl_coeff >= 0; "
+                         f"got {cap}, {bound}, {kl_coeff}")
+    if target_logprobs.dim() != 1:
+        raise ValueError(f"stable_reinforce needs target_tokens of shape [N], got {list(target_logprobs.shape)}")
+    sampler_logprobs, advantages = _policy_inputs("stable_reinforce", inputs, target_logprobs)
+    sampled = _required_input("stable_reinforce", inputs, "sampled_mask", target_logprobs.shape) > 0
+    log_ratio = (target_logprobs - sampler_logprobs).masked_fill(~sampled, 0.0)
+    kept = sampled & (log_ratio.detach().abs() <= math.log(bound))
+    # capped (as gspo's) so that a dropped token's absurd ratio cannot overflow exp and turn its
+    # zero gradient into inf * 0 = NaN; kept tokens lie within log M of 0, below the cap for any M < e^20
+    ratio = torch.exp(log_ratio.clamp(-GSPO_MAX_LOG_RATIO, GSPO_MAX_LOG_RATIO))
+    weight = ratio.detach().clamp(max=cap)
+    kl = ratio - 1 - torch.log(ratio)
+    loss = torch.where(kept, -weight * advantages * target_logprobs + kl_coeff * kl,
+                       torch.zeros_like(target_logprobs))
+    n_sampled = int(sampled.sum())
+    metrics = {"masked_frac:mean": float((sampled & ~kept).sum()) / n_sampled if n_sampled else 0.0,
+               "ratio:mean": float(ratio.detach()[sampled].mean()) if n_sampled else 0.0,
+               "kl:mean": float(kl.detach()[kept].mean()) if bool(kept.any()) else 0.0}
+    return loss, metrics
+
+
 def _datum_lengths(target_logprobs: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """Datum boundaries as an int64 tensor on the logprobs' device; None = one datum."""
     total = int(target_logprobs.shape[0])
@@ -201,6 +253,7 @@ LOSSES: dict[str, LossFn] = {
     "cispo": cispo,
     "dro": dro,
     "gspo": gspo,
+    "stable_reinforce": stable_reinforce,
 }
 
 

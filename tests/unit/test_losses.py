@@ -343,3 +343,96 @@ def test_gspo_through_the_backend_uses_datum_boundaries(builtin_model_dir):
             "target_tokens": targets, "weights": (-expected_grad).astype(np.float32)}))
     for n, p in backend.optimizer.params.items():
         torch.testing.assert_close(gspo_grads[n], p.grad, rtol=1e-4, atol=1e-7)
+
+
+# -- stable_reinforce: tinkerd's objective against a per-token reference written from its definition --
+
+def _stable_reinforce_case(seed: int = 5, tokens: int = 96):
+    rng = np.random.default_rng(seed)
+    logp = -rng.uniform(0.05, 3.0, tokens)
+    q = logp + rng.normal(0.0, 1.2, tokens)  # ratios below 1/M, between C and M, and above M
+    advantages = rng.normal(0.0, 1.0, tokens)
+    sampled = rng.uniform(size=tokens) < 0.8
+    advantages[~sampled] = 0.0  # what the controller enforces on prompt tokens
+    return logp, q, advantages, sampled
+
+
+def _stable_reinforce_reference(logp, q, adv, sampled, cap, bound, kl_coeff):
+    """loss_t and dloss_t/dlogp_t one token at a time, straight from the definition."""
+    losses, grads = [], []
+    for lp, lq, a, s in zip(logp, q, adv, sampled):
+        r = np.exp(lp - lq)
+        if not s or r < 1 / bound or r > bound:
+            losses.append(0.0)
+            grads.append(0.0)
+            continue
+        w = min(r, cap)
+        losses.append(-w * a * lp + kl_coeff * (r - 1 - np.log(r)))
+        grads.append(-w * a + kl_coeff * (r - 1))  # d(r - 1 - log r)/dlogp = r - 1
+    return np.array(losses), np.array(grads)
+
+
+def _stable_reinforce(logp, q, adv, sampled, config):
+    target_logprobs = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    inputs = {"logprobs": torch.tensor(q), "advantages": torch.tensor(adv),
+              "sampled_mask": torch.tensor(sampled, dtype=torch.float64)}
+    elementwise, metrics = compute_loss("stable_reinforce", target_logprobs, inputs, config)
+    elementwise.sum().backward()
+    return elementwise.detach().numpy(), target_logprobs.grad.numpy(), metrics
+
+
+@pytest.mark.parametrize("config, cap, bound, kl_coeff", [
+    ({}, 2.0, 5.0, 0.0),
+    ({"ratio_cap": 1.5, "ratio_mask": "3", "kl_coeff": 0.1}, 1.5, 3.0, 0.1),
+    ({"ratio_cap": float("inf"), "ratio_mask": float("inf"), "kl_coeff": 0.05}, np.inf, np.inf, 0.05),
+])
+def test_stable_reinforce_reference(config, cap, bound, kl_coeff):
+    logp, q, adv, sampled = _stable_reinforce_case()
+    expected_loss, expected_grad = _stable_reinforce_reference(logp, q, adv, sampled, cap, bound, kl_coeff)
+    loss, grad, metrics = _stable_reinforce(logp, q, adv, sampled, config)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-12, atol=1e-15)
+    ratio = np.exp(logp - q)[sampled]
+    dropped = (ratio < 1 / bound) | (ratio > bound)
+    assert metrics["masked_frac:mean"] == pytest.approx(dropped.mean())
+    assert metrics["ratio:mean"] == pytest.approx(ratio.mean())
+    kept = ratio[~dropped]
+    assert metrics["kl:mean"] == pytest.approx((kept - 1 - np.log(kept)).mean())
+    assert metrics["loss:sum"] == pytest.approx(expected_loss.sum())
+    if np.isfinite(bound):  # the case exercises every branch: dropped, truncated, plain
+        assert dropped.any() and ((ratio > cap) & ~dropped).any() and (ratio < cap).any()
+
+
+def test_stable_reinforce_on_policy_is_reinforce():
+    logp, _, adv, sampled = _stable_reinforce_case()
+    loss, grad, metrics = _stable_reinforce(logp, logp, adv, sampled, {"kl_coeff": 1.0})
+    np.testing.assert_allclose(grad, np.where(sampled, -adv, 0.0), rtol=1e-12, atol=1e-15)
+    assert (metrics["masked_frac:mean"], metrics["ratio:mean"], metrics["kl:mean"]) == (0.0, 1.0, 0.0)
+
+
+def test_stable_reinforce_absurd_ratios_stay_finite():
+    logp, q, adv, sampled = _stable_reinforce_case()
+    q[:10] = -1000.0
+    loss, grad, metrics = _stable_reinforce(logp, q, adv, sampled, {"ratio_mask": 5.0, "kl_coeff": 0.5})
+    assert np.isfinite(loss).all() and np.isfinite(grad).all() and np.isfinite(list(metrics.values())).all()
+    assert (loss[:10] == 0).all() and (grad[:10] == 0).all()  # dropped by the mask
+
+
+@pytest.mark.parametrize("inputs, config, message", [
+    ({"sampled_mask": None}, {}, "sampled_mask"),
+    ({}, {"ratio_cap": 0.0}, "ratio_cap > 0"),
+    ({}, {"ratio_mask": 0.5}, "ratio_mask >= 1"),
+    ({}, {"kl_coeff": -1.0}, "kl_coeff"),
+    ({}, {"clip_low_threshold": 0.8}, "not used by stable_reinforce"),
+])
+def test_stable_reinforce_rejects_bad_requests(inputs, config, message):
+    full = {"logprobs": torch.zeros(3), "advantages": torch.ones(3), "sampled_mask": torch.ones(3)}
+    full.update(inputs)
+    with pytest.raises(ValueError, match=message):
+        compute_loss("stable_reinforce", torch.zeros(3), {k: v for k, v in full.items() if v is not None}, config)
+
+
+def test_stable_reinforce_rejects_top_k_targets():
+    inputs = {name: torch.zeros(3, 2) for name in ("logprobs", "advantages", "sampled_mask")}
+    with pytest.raises(ValueError, match="shape \\[N\\]"):
+        compute_loss("stable_reinforce", torch.zeros(3, 2), inputs, {})

@@ -6,6 +6,7 @@ parsed back with the functions the SDK runs on a `retrieve_future` answer.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -30,7 +31,9 @@ from api.json_requests import (
 )
 from api.sampling import DEFAULT_MAX_TOKENS, sample_request_from_json, sample_response_json, sample_response_proto
 from cluster.config import ModelConfig
-from cluster.messages import AdamParams, ForwardBackwardReq, ForwardBackwardResult, SampledSequence, SampleResult
+from cluster.messages import (
+    AdamParams, DatumProvenance, ForwardBackwardReq, ForwardBackwardResult, ProvenanceSpan, SampledSequence, SampleResult,
+)
 
 MODEL = ModelConfig(name="test/model", max_context=64, vocab_size=100)
 MODEL_ID = "sess:train:0"
@@ -130,7 +133,8 @@ def test_v2_loss_config_is_preferred_and_carries_text():
     ([datum([1, 2, 3], [2, 3, 4], weights=[1.0, 1.0])], "cross_entropy", ["data[0]", "weights", "[2]", "[3]"]),
     ([datum([1, 2, 3], [2, 3])], "cross_entropy", ["data[0]", "target_tokens", "[3]"]),
     ([datum([1, 2], [2, 3])], "no_such_loss", ["no_such_loss", "cross_entropy", "ppo"]),
-    ([datum([1, 2], [2, 3])], "stable_reinforce", ["stable_reinforce", "not supported", "gspo"]),
+    ([datum([1, 2], [2, 3], advantages=[0.0, 1.0])], "stable_reinforce",
+     ["data[0]", "no provenance spans", "record_stability_info"]),
     ([datum([1, 2], [2, 3])], "importance_sampling", ["data[0]", "logprobs", "importance_sampling"]),
     ([datum([1, 2], [2, 3], weight=np.ones(2, np.float32))], "cross_entropy", ["data[0]", "weight", "takes"]),
     ([datum([1, 2], [2, 3]), datum([1, 500], [2, 3])], "cross_entropy", ["data[1].model_input", "500", "100"]),
@@ -143,6 +147,41 @@ def test_v2_loss_config_is_preferred_and_carries_text():
 def test_invalid_requests_are_400_naming_the_problem(data, loss_fn, words):
     error = http_error(decode_proto, sdk_fwdbwd_body(data, loss_fn), MODEL)
     assert error.status == 400
+    for word in words:
+        assert word in error.detail, error.detail
+
+
+def _with_spans(d: types.Datum, model_input, targets) -> types.Datum:
+    """Spans as the wire carries them, even ones `Datum.with_provenance` would refuse client-side."""
+    return dataclasses.replace(d, model_input_spans=model_input, loss_fn_input_spans=targets)
+
+
+def test_provenance_spans_decode_for_stable_reinforce_and_are_dropped_for_other_losses():
+    spans = ([types.PromptProvenanceSpan(sequence_id="s:0:0", length=2),
+              types.SampledProvenanceSpan(sequence_id="s:0:0", length=1)],
+             [types.PromptProvenanceSpan(sequence_id="s:0:0", offset=1, length=1),
+              types.SampledProvenanceSpan(sequence_id="s:0:0", length=2)])
+    d = datum([1, 2, 3], [0, 3, 4], advantages=[0.0, 1.0, 1.0]).with_provenance(*spans)
+    req = decode_proto(sdk_fwdbwd_body([d], "stable_reinforce"), MODEL)
+    assert req.provenance == [DatumProvenance(
+        model_input=[ProvenanceSpan(sequence_id="s:0:0", sampled=False, offset=0, length=2),
+                     ProvenanceSpan(sequence_id="s:0:0", sampled=True, offset=0, length=1)],
+        targets=[ProvenanceSpan(sequence_id="s:0:0", sampled=False, offset=1, length=1),
+                 ProvenanceSpan(sequence_id="s:0:0", sampled=True, offset=0, length=2)])]
+    assert req.batch.loss_inputs["logprobs"].tolist() == [0.0, 0.0, 0.0]  # the server's records fill it
+    d = datum([1, 2, 3], [0, 3, 4], logprobs=[0.0, -1.0, -1.0], advantages=[0.0, 1.0, 1.0])
+    assert decode_proto(sdk_fwdbwd_body([d.with_provenance(*spans)], "importance_sampling"), MODEL).provenance is None
+
+
+@pytest.mark.parametrize("model_input, targets, words", [
+    ([types.PromptProvenanceSpan(sequence_id="s:0:0", length=2)],
+     [types.SampledProvenanceSpan(sequence_id="s:0:0", length=3)], ["data[0].model_input_spans", "cover 2", "3"]),
+    ([types.PromptProvenanceSpan(sequence_id="s:0:0", length=3)],
+     [types.SampledProvenanceSpan(sequence_id="s:0:0", length=2)], ["data[0].loss_fn_input_spans", "tile"]),
+])
+def test_spans_must_tile_their_fields(model_input, targets, words):
+    d = _with_spans(datum([1, 2, 3], [2, 3, 4], advantages=[1.0, 1.0, 1.0]), model_input, targets)
+    error = http_error(decode_proto, sdk_fwdbwd_body([d], "stable_reinforce"), MODEL)
     for word in words:
         assert word in error.detail, error.detail
 

@@ -201,7 +201,9 @@ class SamplingService:
         engine_req = EngineSampleReq(
             adapter_id=session.adapter_id, request_id=request_id, prompt_tokens=req.prompt_tokens,
             num_samples=req.num_samples, params=req.params, prompt_logprobs=req.prompt_logprobs,
-            topk_prompt_logprobs=req.topk_prompt_logprobs)
+            topk_prompt_logprobs=req.topk_prompt_logprobs, topk_sample_logprobs=req.topk_sample_logprobs,
+            prompt_logprobs_last_n=req.prompt_logprobs_last_n, target_prompt_token_ids=req.target_prompt_token_ids,
+            target_prompt_listed=req.target_prompt_listed, prompt_alt_tokens_k=req.prompt_alt_tokens_k)
         task = asyncio.get_running_loop().create_task(self._sample(request_id, engine_req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -1,8 +1,9 @@
 """asample: the JSON SampleRequest to `SampleReq`, and `SampleResult` to the wire.
 
 The result goes out as a protobuf `SampleResponse` for the 0.38 SDK (it refuses JSON
-here) and as JSON for SDKs up to 0.16. Options this server cannot honour yet are a
-400: the SDK raises when a response silently ignores them.
+here) and as JSON for SDKs up to 0.16. The rules of the 0.38 options are in
+cluster/sample_options.py, shared with the engine; a request that breaks one is a 400
+(the SDK raises when a response silently ignores an option).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from api import proto
 from api.errors import bad_request
 from api.forward_backward import check_token_ids, model_input_tokens_from_json
 from api.json_fields import JsonObject
-from api.tensors import nan_to_none
+from api.tensors import nan_to_none, tensor_and_listed_cells_from_json, tensor_data_json, tensor_proto
 from cluster.config import ModelConfig
 from cluster.messages import SampledSequence, SampleReq, SampleResult, SamplingParams
+from cluster.sample_options import check_sample_options
 
 # the SDK lets max_tokens be None; like SamplingParams' own default (and vLLM's), 16
 DEFAULT_MAX_TOKENS = 16
@@ -26,7 +28,6 @@ _STOP_REASONS = {"stop": proto.StopReason.STOP_REASON_STOP, "length": proto.Stop
 
 
 def sample_request_from_json(body: JsonObject, model: ModelConfig) -> SampleReq:
-    _reject_unsupported_options(body)
     prompt = model_input_tokens_from_json(body.get_object("prompt"))
     if not len(prompt):
         raise bad_request("prompt is empty: sampling needs at least one prompt token")
@@ -43,24 +44,31 @@ def sample_request_from_json(body: JsonObject, model: ModelConfig) -> SampleReq:
                           f"{len(prompt)} + {params.max_tokens} > {model.max_context}")
     if not body.has("sampling_session_id"):
         raise bad_request("sampling_session_id is required: create a sampling client first")
-    return SampleReq(sampling_session_id=body.get_str("sampling_session_id"), seq_id=body.get_int("seq_id"),
-                     prompt_tokens=prompt, num_samples=num_samples, params=params,
-                     prompt_logprobs=body.get_bool("prompt_logprobs", False), topk_prompt_logprobs=topk,
-                     record_stability_info=body.get_bool("record_stability_info", False))
+    target_ids, target_listed = _target_prompt_ids_from_json(body)
+    req = SampleReq(sampling_session_id=body.get_str("sampling_session_id"), seq_id=body.get_int("seq_id"),
+                    prompt_tokens=prompt, num_samples=num_samples, params=params,
+                    prompt_logprobs=body.get_bool("prompt_logprobs", False), topk_prompt_logprobs=topk,
+                    topk_sample_logprobs=body.get_int("topk_sample_logprobs", 0),
+                    prompt_logprobs_last_n=body.get_int("prompt_logprobs_last_n", None),
+                    target_prompt_token_ids=target_ids, target_prompt_listed=target_listed,
+                    prompt_alt_tokens_k=body.get_int("prompt_alt_tokens_k", 0),
+                    record_stability_info=body.get_bool("record_stability_info", False))
+    try:
+        check_sample_options(req, model.vocab_size)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    return req
 
 
-def _reject_unsupported_options(body: JsonObject) -> None:
-    unsupported = []
-    if body.has("prompt_logprobs_last_n"):
-        unsupported.append("prompt_logprobs_last_n")
-    if body.has("target_prompt_logprobs"):
-        unsupported.append("target_prompt_logprobs")
-    for name in ("prompt_alt_tokens_k", "topk_sample_logprobs"):
-        if body.get_int(name, 0) > 0:
-            unsupported.append(name)
-    if unsupported:
-        raise bad_request(f"{', '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not supported "
-                          "by this server yet")
+def _target_prompt_ids_from_json(body: JsonObject) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(ids, the cells a CSR request lists or None) of target_prompt_logprobs; (None, None) when absent."""
+    if not body.has("target_prompt_logprobs"):
+        return None, None
+    tensor = body.get_object("target_prompt_logprobs")
+    dtype = tensor.get_str("dtype")
+    if dtype != "int64":
+        raise bad_request(f"target_prompt_logprobs must be an int64 tensor of token ids, got dtype {dtype!r}")
+    return tensor_and_listed_cells_from_json(tensor, pad_value=-1)
 
 
 def sampling_params_from_json(params: JsonObject, model: ModelConfig) -> SamplingParams:
@@ -116,6 +124,8 @@ def _sequence_proto(sequence: SampledSequence):
     msg = proto.SampledSequence(stop_reason=_STOP_REASONS[sequence.stop_reason],
                                 tokens=np.ascontiguousarray(sequence.tokens, dtype="<i4").tobytes())
     msg.logprobs = np.ascontiguousarray(sequence.logprobs, dtype="<f4").tobytes()
+    if sequence.topk_token_ids is not None:
+        msg.topk_sampled_logprobs.CopyFrom(_topk_proto(sequence.topk_token_ids, sequence.topk_logprobs))
     return msg
 
 
@@ -125,6 +135,11 @@ def sample_response_proto(result: SampleResult) -> bytes:
         msg.prompt_logprobs = np.ascontiguousarray(result.prompt_logprobs, dtype="<f4").tobytes()
     if result.topk_prompt_token_ids is not None:
         msg.topk_prompt_logprobs.CopyFrom(_topk_proto(result.topk_prompt_token_ids, result.topk_prompt_logprobs))
+    if result.target_prompt_logprobs is not None:
+        msg.target_prompt_logprobs.CopyFrom(tensor_proto(result.target_prompt_logprobs, result.target_prompt_listed))
+    if result.prompt_alt_token_ids is not None:
+        msg.prompt_alt_tokens.tokens.CopyFrom(tensor_proto(result.prompt_alt_token_ids))
+        msg.prompt_alt_tokens.logprobs.CopyFrom(tensor_proto(result.prompt_alt_logprobs))
     return msg.SerializeToString()
 
 
@@ -138,15 +153,25 @@ def _topk_rows_json(token_ids: np.ndarray, logprobs: np.ndarray) -> list[list[li
     return rows
 
 
+def _sequence_json(sequence: SampledSequence) -> dict[str, Any]:
+    body = {"tokens": np.asarray(sequence.tokens).tolist(), "logprobs": np.asarray(sequence.logprobs).tolist(),
+            "stop_reason": sequence.stop_reason}
+    if sequence.topk_token_ids is not None:
+        body["topk_logprobs"] = _topk_rows_json(np.asarray(sequence.topk_token_ids),
+                                                np.asarray(sequence.topk_logprobs))
+    return body
+
+
 def sample_response_json(result: SampleResult) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "sequences": [{"tokens": np.asarray(s.tokens).tolist(), "logprobs": np.asarray(s.logprobs).tolist(),
-                       "stop_reason": s.stop_reason} for s in result.sequences],
-        "type": "sample",
-    }
+    body: dict[str, Any] = {"sequences": [_sequence_json(s) for s in result.sequences], "type": "sample"}
     if result.prompt_logprobs is not None:
         body["prompt_logprobs"] = nan_to_none(np.asarray(result.prompt_logprobs))
     if result.topk_prompt_token_ids is not None:
         body["topk_prompt_logprobs"] = _topk_rows_json(np.asarray(result.topk_prompt_token_ids),
                                                        np.asarray(result.topk_prompt_logprobs))
+    if result.target_prompt_logprobs is not None:
+        body["target_prompt_logprobs"] = tensor_data_json(result.target_prompt_logprobs, result.target_prompt_listed)
+    if result.prompt_alt_token_ids is not None:
+        body["prompt_alt_tokens"] = {"tokens": tensor_data_json(result.prompt_alt_token_ids),
+                                     "logprobs": tensor_data_json(result.prompt_alt_logprobs)}
     return body

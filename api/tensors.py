@@ -1,9 +1,10 @@
 """Tinker tensors (protobuf `Tensor` and JSON `TensorData`) to and from numpy.
 
 Both forms are either dense (row-major values) or sparse CSR (values, crow_indices,
-col_indices, with the dense shape required); cells CSR leaves out are 0. The SDK
-switches 2-D `target_tokens` / `weights` to CSR by itself whenever that is smaller,
-so every loss input may arrive either way. `where` names the tensor in errors.
+col_indices, with the dense shape required); cells CSR leaves out are 0, or -1 for
+`target_prompt_logprobs`. The SDK switches 2-D `target_tokens` / `weights` to CSR by
+itself whenever that is smaller, so every loss input may arrive either way. `where`
+names the tensor in errors.
 """
 
 from __future__ import annotations
@@ -40,6 +41,32 @@ def tensor_from_proto(msg, where: str) -> np.ndarray:
 
 
 def tensor_from_json(obj: JsonObject) -> np.ndarray:
+    values, shape, csr = _json_tensor_parts(obj)
+    if csr is None:
+        return _reshape(values, shape or [], obj.where)
+    return _densify_csr(values, *csr, shape, obj.where)
+
+
+def tensor_and_listed_cells_from_json(obj: JsonObject, pad_value: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(dense array, bool mask of the cells a CSR tensor lists, or None for a dense one).
+
+    With the mask a result can go back in the request's own CSR layout, so only
+    canonical CSR is accepted here: each row's columns strictly increasing, as torch
+    writes it. Unlisted cells are `pad_value`.
+    """
+    values, shape, csr = _json_tensor_parts(obj)
+    if csr is None:
+        return _reshape(values, shape or [], obj.where), None
+    dense = _densify_csr(values, *csr, shape, obj.where, pad_value)
+    crow, col = csr
+    row_of = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
+    if np.any((row_of[1:] == row_of[:-1]) & (col[1:] <= col[:-1])):
+        raise bad_request(f"{obj.where}: col_indices must increase strictly within each row (canonical CSR)")
+    return dense, _densify_csr(np.ones(len(values), dtype=bool), crow, col, shape, obj.where, False)
+
+
+def _json_tensor_parts(obj: JsonObject) -> tuple[np.ndarray, list[int] | None, tuple[np.ndarray, np.ndarray] | None]:
+    """(values, shape or None, (crow_indices, col_indices) or None for a dense tensor)."""
     where = obj.where
     dtype_name = obj.get_str("dtype")
     dtype = _NUMPY_BY_JSON_DTYPE.get(dtype_name)
@@ -47,20 +74,46 @@ def tensor_from_json(obj: JsonObject) -> np.ndarray:
         raise bad_request(f"{where}.dtype must be 'float32' or 'int64', got {dtype_name!r}")
     values = _json_numbers(obj.get_list("data"), dtype, f"{where}.data")
     shape = _checked_shape(obj.get_list("shape", []), where) or None
-    if obj.has("sparse_crow_indices") or obj.has("sparse_col_indices"):
-        if shape is None:
-            raise bad_request(f"{where} is sparse CSR, so it needs a shape")
-        crow = _json_numbers(obj.get_list("sparse_crow_indices"), np.dtype(np.int64), f"{where}.sparse_crow_indices")
-        col = _json_numbers(obj.get_list("sparse_col_indices"), np.dtype(np.int64), f"{where}.sparse_col_indices")
-        return _densify_csr(values, crow, col, shape, where)
-    return _reshape(values, shape or [], where)
+    if not (obj.has("sparse_crow_indices") or obj.has("sparse_col_indices")):
+        return values, shape, None
+    if shape is None:
+        raise bad_request(f"{where} is sparse CSR, so it needs a shape")
+    crow = _json_numbers(obj.get_list("sparse_crow_indices"), np.dtype(np.int64), f"{where}.sparse_crow_indices")
+    col = _json_numbers(obj.get_list("sparse_col_indices"), np.dtype(np.int64), f"{where}.sparse_col_indices")
+    return values, shape, (crow, col)
 
 
-def tensor_data_json(array: np.ndarray) -> dict[str, Any]:
-    """An array as JSON TensorData (float32 or int64); NaN becomes null."""
+def tensor_data_json(array: np.ndarray, listed: np.ndarray | None = None) -> dict[str, Any]:
+    """An array as JSON TensorData (float32 or int64), CSR of the `listed` cells if given; NaN becomes null."""
     dtype = "float32" if np.issubdtype(array.dtype, np.floating) else "int64"
-    flat = array.reshape(-1).astype(dtype)
-    return {"data": nan_to_none(flat), "dtype": dtype, "shape": list(array.shape)}
+    if listed is None:
+        flat = array.reshape(-1).astype(dtype)
+        return {"data": nan_to_none(flat), "dtype": dtype, "shape": list(array.shape)}
+    values, crow, col = _csr_parts(array, listed)
+    return {"data": nan_to_none(values.astype(dtype)), "dtype": dtype, "shape": list(array.shape),
+            "sparse_crow_indices": crow.tolist(), "sparse_col_indices": col.tolist()}
+
+
+def tensor_proto(array: np.ndarray, listed: np.ndarray | None = None):
+    """A float32 or int64 array as a protobuf Tensor: dense, or CSR of the `listed` cells if given."""
+    dtype = proto.DType.DTYPE_FLOAT32 if np.issubdtype(array.dtype, np.floating) else proto.DType.DTYPE_INT64
+    numpy_dtype = _NUMPY_BY_PROTO_DTYPE[dtype]
+    msg = proto.Tensor(dtype=dtype, shape=list(array.shape))
+    if listed is None:
+        msg.dense = np.ascontiguousarray(array, dtype=numpy_dtype).tobytes()
+    else:
+        values, crow, col = _csr_parts(array, listed)
+        msg.sparse_csr.values = values.astype(numpy_dtype).tobytes()
+        msg.sparse_csr.crow_indices = crow.astype("<i8").tobytes()
+        msg.sparse_csr.col_indices = col.astype("<i8").tobytes()
+    return msg
+
+
+def _csr_parts(array: np.ndarray, listed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, crow_indices, col_indices) of the `listed` cells of a 2-D array, rows in order."""
+    rows, cols = np.nonzero(listed)
+    crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=array.shape[0]))])
+    return array[rows, cols], crow, cols
 
 
 def nan_to_none(values: np.ndarray) -> list:
@@ -111,7 +164,7 @@ def _reshape(values: np.ndarray, shape: list[int], where: str) -> np.ndarray:
 
 
 def _densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int],
-                 where: str) -> np.ndarray:
+                 where: str, pad_value=0) -> np.ndarray:
     if len(shape) != 2:
         raise bad_request(f"{where} is sparse CSR, so its shape must have 2 dimensions, got {shape}")
     rows, cols = shape
@@ -121,6 +174,6 @@ def _densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: l
                           f"to the number of values ({nnz})")
     if len(col) != nnz or (nnz and (col.min() < 0 or col.max() >= cols)):
         raise bad_request(f"{where}: col_indices must hold one column in [0, {cols}) per value")
-    dense = np.zeros((rows, cols), dtype=values.dtype)
+    dense = np.full((rows, cols), pad_value, dtype=values.dtype)
     dense[np.repeat(np.arange(rows), np.diff(crow)), col] = values
     return dense

@@ -155,16 +155,29 @@ class SampledSequence:
     tokens: np.ndarray  # int32 [n]
     logprobs: np.ndarray  # float32 [n]
     stop_reason: str = "length"  # "stop" | "length"
+    # int32 / float32 [n, k]: the top-k of the distribution each token was drawn from;
+    # None when topk_sample_logprobs was not requested
+    topk_token_ids: np.ndarray | None = None
+    topk_logprobs: np.ndarray | None = None
 
 
 @message
 class SampleResult:
     sequences: list[SampledSequence] = field(default_factory=list)
-    # float32 [prompt_len], NaN at position 0; None when not requested
+    # float32 [prompt_len], NaN at position 0 and before the last N with prompt_logprobs_last_n;
+    # None when not requested
     prompt_logprobs: np.ndarray | None = None
-    # int32 / float32 [prompt_len, k]; row 0 is all sentinel; None when not requested
+    # int32 / float32 [prompt_len, k]; all-sentinel rows where prompt_logprobs is NaN; None when not requested
     topk_prompt_token_ids: np.ndarray | None = None
     topk_prompt_logprobs: np.ndarray | None = None
+    # float32 [prompt_len - 1, K], 0.0 where the request named no id; None when not requested
+    target_prompt_logprobs: np.ndarray | None = None
+    # bool, same shape: the cells a sparse (CSR) request listed, so the answer is CSR with the
+    # same indices whichever API process renders it; None for a dense request
+    target_prompt_listed: np.ndarray | None = None
+    # int64 / float32 [prompt_len - 1, k]; None when prompt_alt_tokens_k was 0
+    prompt_alt_token_ids: np.ndarray | None = None
+    prompt_alt_logprobs: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------
@@ -389,6 +402,12 @@ class SampleReq(UserReq):
     params: SamplingParams
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # SDK 0.38 options; their rules are in cluster/sample_options.py
+    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None  # None = score the whole prompt
+    target_prompt_token_ids: np.ndarray | None = None  # int64 [prompt_len - 1, K]; -1 = nothing asked
+    target_prompt_listed: np.ndarray | None = None  # bool, same shape: a sparse request's cells
+    prompt_alt_tokens_k: int = 0
     # keep each sequence (prompt, tokens, logprobs, adapter, params) for stable_reinforce
     record_stability_info: bool = False
 
@@ -762,6 +781,12 @@ class EngineSampleReq(Message):
     params: SamplingParams
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
+    # SDK 0.38 options; their rules are in cluster/sample_options.py
+    topk_sample_logprobs: int = 0
+    prompt_logprobs_last_n: int | None = None  # None = score the whole prompt
+    target_prompt_token_ids: np.ndarray | None = None  # int64 [prompt_len - 1, K]; -1 = nothing asked
+    target_prompt_listed: np.ndarray | None = None  # bool, same shape: a sparse request's cells
+    prompt_alt_tokens_k: int = 0
 
 
 @message

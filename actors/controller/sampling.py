@@ -217,7 +217,9 @@ class SamplingService:
         engine_req = EngineSampleReq(
             adapter_id=session.adapter_id, request_id=request_id, prompt_tokens=req.prompt_tokens,
             num_samples=req.num_samples, params=req.params, prompt_logprobs=req.prompt_logprobs,
-            topk_prompt_logprobs=req.topk_prompt_logprobs)
+            topk_prompt_logprobs=req.topk_prompt_logprobs, topk_sample_logprobs=req.topk_sample_logprobs,
+            prompt_logprobs_last_n=req.prompt_logprobs_last_n, target_prompt_token_ids=req.target_prompt_token_ids,
+            target_prompt_listed=req.target_prompt_listed, prompt_alt_tokens_k=req.prompt_alt_tokens_k)
         record = None
         if req.record_stability_info:  # for stable_reinforce, which trains on what is recorded here
             record = functools.partial(self.stability.record, session.session_id, session.user,

@@ -14,6 +14,9 @@ Finished rows leave the batch at once.
 
 Numerics: logprobs are the raw model's (temperature 1, unfiltered), log_softmax in
 float32 — the same function as the trainer's forward (actors/engine/sampling.py).
+What a request asks about its prompt is computed from the same prefill, in
+actors/engine/prompt_scores.py; the prefill keeps only the last position's logits
+unless some request of the batch reads more.
 """
 
 from __future__ import annotations
@@ -30,19 +33,18 @@ from transformers import DynamicCache
 
 from actors.engine.adapters import AdapterTable
 from actors.engine.kv_batch import KvBatch, left_padded
+from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
 from actors.lora import PEFT_PREFIX, LoraSlots, load_peft_adapter, module_kind, trains_kind
 from actors.model_loading import load_causal_lm, load_tokenizer
 from cluster.config import ClusterConfig
 from cluster.messages import EngineSampleReq, LoraSpec, SampledSequence, SampleResult
+from cluster.sample_options import check_sample_options
 
 log = logging.getLogger(__name__)
 
-# Sentinel of an empty top-k cell (Tinker's TopkLogprobs convention); row 0 is all sentinel.
-TOPK_SENTINEL_ID = 0
-TOPK_SENTINEL_LOGPROB = -99999.0
-# Padded prompt tokens per prefill forward: bounds the activations (and the full
-# [rows, width, vocab] logits when prompt logprobs are asked for) of one admission.
+# Padded prompt tokens per prefill forward: bounds the activations (and the
+# [rows, width, vocab] logits when a request scores its prompt) of one admission.
 PREFILL_TOKEN_BUDGET = 8192
 
 
@@ -64,7 +66,7 @@ class _Request:
 
     @property
     def wants_prompt_logits(self) -> bool:
-        return self.spec.prompt_logprobs or self.spec.topk_prompt_logprobs > 0
+        return scores_prompt(self.spec)
 
 
 @dataclass
@@ -76,6 +78,8 @@ class _Row:
     generator: torch.Generator | None  # None for greedy rows
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk_token_ids: list[np.ndarray] = field(default_factory=list)  # per token, when topk_sample_logprobs > 0
+    topk_logprobs: list[np.ndarray] = field(default_factory=list)
 
 
 class TorchEngineBackend:
@@ -275,6 +279,7 @@ class TorchEngineBackend:
         if not 0 <= req.topk_prompt_logprobs <= self.vocab_size:
             raise ValueError(f"topk_prompt_logprobs must be in [0, {self.vocab_size}], "
                              f"got {req.topk_prompt_logprobs}")
+        check_sample_options(req, self.vocab_size)
 
     # -- the batch -----------------------------------------------------------------------
 
@@ -303,16 +308,16 @@ class TorchEngineBackend:
         requests = [request for request, _ in chunks]
         input_ids, attention_mask, position_ids = left_padded([r.prompt for r in requests])
         slots = torch.tensor([r.slot for r in requests], device=self.device)
-        first_visits = [i for i, (r, samples) in enumerate(chunks) if samples.start == 0]
-        full_logits = any(requests[i].wants_prompt_logits for i in first_visits)
+        scoring = [i for i, (r, samples) in enumerate(chunks) if samples.start == 0 and r.wants_prompt_logits]
+        # left-padded, so the last m columns hold every row's last m positions
+        keep = max((prompt_logits_needed(requests[i].spec) for i in scoring), default=1)
         cache = DynamicCache()
         with self.slots.use(slots):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids, past_key_values=cache, use_cache=True,
-                                logits_to_keep=0 if full_logits else 1).logits
-        for i in first_visits:
-            if requests[i].wants_prompt_logits:
-                _record_prompt_logprobs(requests[i], logits[i])
+                                logits_to_keep=keep).logits
+        for i in scoring:
+            record_prompt_scores(requests[i].spec, requests[i].prompt, logits[i], requests[i].result)
         counts = torch.tensor([len(samples) for _, samples in chunks], device=self.device)
         per_sample = torch.repeat_interleave(torch.arange(len(chunks), device=self.device), counts)
         rows = [_Row(request, i, _generator_for(request, i)) for request, samples in chunks for i in samples]
@@ -340,7 +345,9 @@ class TorchEngineBackend:
     def _extend(self, rows: list[_Row], logits: torch.Tensor, finished: list) -> tuple[torch.Tensor, list[int]]:
         """Choose each row's next token; return the tokens and the indices of rows still running."""
         tokens = choose_tokens(logits, [r.request.spec.params for r in rows], [r.generator for r in rows])
-        logprobs = raw_logprobs(logits).gather(1, tokens.unsqueeze(1)).squeeze(1)
+        all_logprobs = raw_logprobs(logits)
+        _record_sampled_topk(rows, all_logprobs)
+        logprobs = all_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         keep = []
         for i, (row, token, logprob) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist())):
             row.tokens.append(token)
@@ -354,9 +361,12 @@ class TorchEngineBackend:
 
     def _finish(self, row: _Row, reason: str, finished: list) -> None:
         request = row.request
-        request.sequences[row.sample_index] = SampledSequence(
-            tokens=np.array(row.tokens, dtype=np.int32), logprobs=np.array(row.logprobs, dtype=np.float32),
-            stop_reason=reason)
+        sequence = SampledSequence(tokens=np.array(row.tokens, dtype=np.int32),
+                                   logprobs=np.array(row.logprobs, dtype=np.float32), stop_reason=reason)
+        if row.topk_token_ids:
+            sequence.topk_token_ids = np.stack(row.topk_token_ids).astype(np.int32)
+            sequence.topk_logprobs = np.stack(row.topk_logprobs)
+        request.sequences[row.sample_index] = sequence
         request.finished += 1
         if request.finished == request.spec.num_samples:
             request.result.sequences = list(request.sequences)
@@ -369,26 +379,18 @@ def _generator_for(request: _Request, sample_index: int) -> torch.Generator | No
     return sample_generator(request.spec.params.seed, sample_index)
 
 
-def _record_prompt_logprobs(request: _Request, logits: torch.Tensor) -> None:
-    """Fill the request's prompt logprobs from its prefill logits (left-padded: the last n rows).
-
-    Entry i is log p(prompt[i] | prompt[:i]); entry 0 has no context (NaN / sentinel row).
-    """
-    n = len(request.prompt)
-    logprobs = raw_logprobs(logits[logits.shape[0] - n:-1])  # [n-1, V]: row j predicts prompt[j+1]
-    if request.spec.prompt_logprobs:
-        values = np.full(n, np.nan, dtype=np.float32)
-        values[1:] = logprobs.gather(1, request.prompt[1:].unsqueeze(1)).squeeze(1).cpu().numpy()
-        request.result.prompt_logprobs = values
-    k = request.spec.topk_prompt_logprobs
-    if k > 0:
-        ids = np.full((n, k), TOPK_SENTINEL_ID, dtype=np.int32)
-        values = np.full((n, k), TOPK_SENTINEL_LOGPROB, dtype=np.float32)
-        top = logprobs.topk(k, dim=-1)
-        ids[1:] = top.indices.cpu().numpy()
-        values[1:] = top.values.cpu().numpy()
-        request.result.topk_prompt_token_ids = ids
-        request.result.topk_prompt_logprobs = values
+def _record_sampled_topk(rows: list[_Row], logprobs: torch.Tensor) -> None:
+    """Append the top-k raw logprobs of this step's distribution to the rows that ask for them."""
+    wanting = [i for i, row in enumerate(rows) if row.request.spec.topk_sample_logprobs > 0]
+    if not wanting:
+        return
+    width = max(rows[i].request.spec.topk_sample_logprobs for i in wanting)
+    top = logprobs.index_select(0, torch.tensor(wanting, device=logprobs.device)).topk(width, dim=-1)
+    ids, values = top.indices.cpu().numpy(), top.values.cpu().numpy()
+    for j, i in enumerate(wanting):  # a top-width list is sorted: each row keeps its own first k
+        k = rows[i].request.spec.topk_sample_logprobs
+        rows[i].topk_token_ids.append(ids[j, :k])
+        rows[i].topk_logprobs.append(values[j, :k])
 
 
 def _eos_token_ids(model, tokenizer) -> set[int]:

@@ -8,7 +8,8 @@ per step, drawn from the row's generator, makes a seeded sample reproducible wha
 else shares its batch.
 
 The logprob reported for a chosen token is always the raw one (temperature 1, no
-filtering): see `raw_logprobs`.
+filtering): see `raw_logprobs`. `draw_tokens` serves prompt_alt_tokens_k: k draws per
+prompt position at the request's temperature, unfiltered, from their own generator.
 """
 
 from __future__ import annotations
@@ -24,15 +25,27 @@ from cluster.messages import SamplingParams
 # so a stop string of c characters spans at most 4c tokens; the margin covers tokens
 # that decode to nothing and decoders that strip a leading space off the first token.
 _STOP_WINDOW_MARGIN = 8
+# Sample streams have no spawn key, so this one can never coincide with any of theirs.
+_PROMPT_ALT_TOKENS_SPAWN_KEY = (1,)
 
 
 def sample_generator(seed: int | None, sample_index: int) -> torch.Generator:
     """The generator of sample `sample_index` of a request: seeded from (seed, index), or random."""
+    return _generator(seed, [sample_index], spawn_key=())
+
+
+def prompt_alt_tokens_generator(seed: int | None) -> torch.Generator:
+    """The generator of a request's prompt_alt_tokens draws: seeded apart from every sample's, or random."""
+    return _generator(seed, [], spawn_key=_PROMPT_ALT_TOKENS_SPAWN_KEY)
+
+
+def _generator(seed: int | None, words: list[int], spawn_key: tuple[int, ...]) -> torch.Generator:
     if seed is None:
         value = secrets.randbits(63)
     else:
-        # SeedSequence mixes the pair into a well-spread 64-bit seed, the same on every platform
-        value = int(np.random.SeedSequence([seed % 2**64, sample_index]).generate_state(1, np.uint64)[0])
+        # SeedSequence mixes the words into a well-spread 64-bit seed, the same on every platform
+        sequence = np.random.SeedSequence([seed % 2**64, *words], spawn_key=spawn_key)
+        value = int(sequence.generate_state(1, np.uint64)[0])
     return torch.Generator(device="cpu").manual_seed(value)
 
 
@@ -62,11 +75,25 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
     if any(_filters(p) for p in rows):
         order = scaled.argsort(dim=-1, descending=True, stable=True)
         sorted_logits = _top_k_top_p(scaled.gather(1, order), rows)
-        chosen = order.gather(1, _inverse_cdf(sorted_logits.softmax(dim=-1), uniform).unsqueeze(1)).squeeze(1)
+        chosen = order.gather(1, _inverse_cdf(sorted_logits.softmax(dim=-1), uniform.unsqueeze(1))).squeeze(1)
     else:
-        chosen = _inverse_cdf(scaled.softmax(dim=-1), uniform)
+        chosen = _inverse_cdf(scaled.softmax(dim=-1), uniform.unsqueeze(1)).squeeze(1)
     tokens[index] = chosen
     return tokens
+
+
+def draw_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
+                k: int) -> torch.Tensor:
+    """k independent draws (with replacement) per row of `logits` [B, V] at `temperature`: [B, k].
+
+    No top-k / top-p: these are draws from the model's own tempered distribution.
+    Temperature 0 is the argmax, k times (no generator needed).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True).repeat(1, k)
+    probs = (logits.float() / temperature).softmax(dim=-1)
+    uniform = torch.rand((logits.shape[0], k), generator=generator).to(logits.device)
+    return _inverse_cdf(probs, uniform)
 
 
 def _filters(p: SamplingParams) -> bool:
@@ -88,12 +115,13 @@ def _top_k_top_p(sorted_logits: torch.Tensor, rows: list[SamplingParams]) -> tor
 
 
 def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Index i with cdf[i-1] <= u*total < cdf[i]: always a token of non-zero probability."""
+    """For each u of row b of `uniform` [B, m], the index i with cdf[i-1] <= u*total < cdf[i]
+    in row b of `probs` [B, V]: always a token of non-zero probability. Returns [B, m]."""
     cdf = probs.cumsum(dim=-1)
-    total = cdf[:, -1]
+    total = cdf[:, -1:]
     # u*total can round up to total itself, which would select past the last real token
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-    picked = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
+    picked = torch.searchsorted(cdf, target, right=True)
     return picked.clamp(max=probs.shape[-1] - 1)
 
 

@@ -13,6 +13,7 @@ import contextlib
 import aiohttp
 import numpy as np
 import pytest
+import torch
 import zmq.asyncio
 import zstandard
 from tinker import types
@@ -20,10 +21,11 @@ from tinker.proto.request_conv import forward_backward_request_to_proto
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
 
 import api.server
+import cluster.sample_options
 from actors.controller.controller import Controller
 from api.server import connect_controller, start_http
 from cluster.config import ApiConfig, ClusterConfig, ControllerConfig, ModelConfig
-from cluster.messages import ForwardBackwardResult, SampledSequence, SampleResult
+from cluster.messages import EngineSampleResp, ForwardBackwardResult, SampledSequence, SampleResult
 from cluster.users import key_fingerprint_user
 
 KEY = {"X-API-Key": "tml-unit"}
@@ -273,5 +275,131 @@ def test_refused_seq_id_does_not_hold_back_the_next(tmp_path):
         async with api_stack(make_config(tmp_path)) as (http, controller):
             model_id = await _model_with_refused_seq_1(http)
             assert controller.training.runs[model_id].ledger.next_seq == 3
+
+    asyncio.run(scenario())
+
+
+# -- SDK 0.38 sampling options ----------------------------------------------------------
+
+
+async def _sampler(http) -> str:
+    session_id = (await (await http.post("/api/v1/create_session", json={}, headers=KEY)).json())["session_id"]
+    created = await (await http.post("/api/v1/create_sampling_session", headers=KEY, json={
+        "session_id": session_id, "sampling_session_seq_id": 0, "base_model": "test/model"})).json()
+    return created["sampling_session_id"]
+
+
+def _sample_body(sampler_id: str, prompt: list[int], seq_id: int = 0, **options) -> dict:
+    return {"sampling_session_id": sampler_id, "seq_id": seq_id, "num_samples": 1, "type": "sample",
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
+            "sampling_params": {"max_tokens": 2}, **options}
+
+
+def _tensor_json(td: types.TensorData) -> dict:
+    body = {"data": td.data, "dtype": td.dtype, "shape": td.shape}
+    if td.sparse_crow_indices is not None:
+        body.update(sparse_crow_indices=td.sparse_crow_indices, sparse_col_indices=td.sparse_col_indices)
+    return body
+
+
+async def _echo_engine(request_id, req):
+    """Answers like an engine would, with logprobs made from the ids, so the test can predict them."""
+    n, ids = len(req.prompt_tokens), req.target_prompt_token_ids
+    sequence = SampledSequence(tokens=np.array([7, 8], np.int32), logprobs=np.array([-0.5, -0.25], np.float32),
+                               topk_token_ids=np.array([[7, 3], [8, 3]], np.int32),
+                               topk_logprobs=np.array([[-0.5, -2.0], [-0.25, -3.0]], np.float32))
+    alt_ids = np.arange(2 * (n - 1), dtype=np.int64).reshape(n - 1, 2)
+    return EngineSampleResp(result=SampleResult(
+        sequences=[sequence], target_prompt_logprobs=np.where(ids != -1, -ids / 100, 0).astype(np.float32),
+        target_prompt_listed=req.target_prompt_listed, prompt_alt_token_ids=alt_ids,
+        prompt_alt_logprobs=-alt_ids.astype(np.float32)))
+
+
+async def _sample_result(http, body: dict):
+    submitted = await http.post("/api/v1/asample", json=body, headers=KEY)
+    assert submitted.status == 200, await submitted.text()
+    poll = {"request_id": (await submitted.json())["request_id"]}
+    proto_accept = {**KEY, "Accept": "application/x-protobuf"}
+    while True:
+        resp = await http.post("/api/v1/retrieve_future", json=poll, headers=proto_accept)
+        if resp.content_type == "application/x-protobuf":
+            as_json = await (await http.post("/api/v1/retrieve_future", json=poll, headers=KEY)).json()
+            return deserialize_sample_response(await resp.read()), as_json
+        assert (await resp.json())["type"] == "try_again"
+
+
+def test_target_prompt_logprobs_come_back_in_the_requests_layout(tmp_path, monkeypatch):
+    ids = torch.full((5, 3), -1, dtype=torch.int64)
+    ids[3, 1], ids[4, 0], ids[4, 2] = 40, 7, 99
+    sparse = types.TensorData.from_torch_sparse(ids, pad_value=-1)
+    dense = types.TensorData.from_torch(ids)
+    assert sparse.sparse_crow_indices is not None and dense.sparse_crow_indices is None
+    expected = np.where(ids.numpy() != -1, -ids.numpy() / 100, 0).astype(np.float32)
+
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, controller):
+            monkeypatch.setattr(controller.sampling, "_on_engine", _echo_engine)
+            sampler_id = await _sampler(http)
+            for seq_id, target in enumerate([sparse, dense]):
+                body = _sample_body(sampler_id, [1, 2, 3, 4, 5, 6], seq_id, target_prompt_logprobs=_tensor_json(target),
+                                    topk_sample_logprobs=2, prompt_alt_tokens_k=2)
+                result, as_json = await _sample_result(http, body)
+                out = result.target_prompt_logprobs
+                assert out.dtype == "float32" and out.shape == [5, 3]
+                assert out.sparse_crow_indices == target.sparse_crow_indices
+                assert out.sparse_col_indices == target.sparse_col_indices
+                np.testing.assert_array_equal(out.to_numpy(), expected)
+                assert as_json["target_prompt_logprobs"].get("sparse_col_indices") == target.sparse_col_indices
+                assert result.sequences[0].topk_logprobs == [[(7, -0.5), (3, -2.0)], [(8, -0.25), (3, -3.0)]]
+                assert as_json["sequences"][0]["topk_logprobs"] == [[[7, -0.5], [3, -2.0]], [[8, -0.25], [3, -3.0]]]
+                alt = result.prompt_alt_tokens
+                assert alt.tokens.dtype == "int64" and alt.tokens.shape == [5, 2]
+                assert alt.tokens.to_numpy().tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+                np.testing.assert_array_equal(alt.logprobs.to_numpy(), -alt.tokens.to_numpy())
+                assert as_json["prompt_alt_tokens"]["tokens"]["data"] == list(range(10))
+
+    asyncio.run(scenario())
+
+
+def test_invalid_sample_options_are_400s_naming_the_field(tmp_path, monkeypatch):
+    prompt = [1, 2, 3, 4]
+    ids = {"data": [5, -1, 6], "dtype": "int64", "shape": [3, 1]}
+    csr = {"dtype": "int64", "shape": [3, 2], "data": [5, 6], "sparse_crow_indices": [0, 0, 2, 2]}
+    bad = [
+        ({"topk_sample_logprobs": -1}, ["topk_sample_logprobs", "[0, 100]"]),
+        ({"topk_sample_logprobs": 101}, ["topk_sample_logprobs", "[0, 100]"]),
+        ({"prompt_logprobs_last_n": 2}, ["prompt_logprobs_last_n", "requires prompt_logprobs"]),
+        ({"prompt_logprobs": True, "prompt_logprobs_last_n": 0}, ["prompt_logprobs_last_n", "[1, 3]"]),
+        ({"prompt_logprobs": True, "prompt_logprobs_last_n": 4}, ["prompt_logprobs_last_n", "[1, 3]"]),
+        ({"prompt_logprobs": True, "prompt_logprobs_last_n": "2"}, ["prompt_logprobs_last_n", "integer"]),
+        ({"target_prompt_logprobs": {**ids, "dtype": "float32"}}, ["target_prompt_logprobs", "int64"]),
+        ({"target_prompt_logprobs": {**ids, "shape": [3]}}, ["target_prompt_logprobs", "2-D"]),
+        ({"target_prompt_logprobs": {**ids, "data": [5, 6], "shape": [2, 1]}}, ["target_prompt_logprobs", "3 rows"]),
+        ({"target_prompt_logprobs": {**ids, "data": [-1, -1, -1]}}, ["target_prompt_logprobs", "no token id"]),
+        ({"target_prompt_logprobs": {**ids, "data": [5, 100, 6]}}, ["target_prompt_logprobs", "[0, 100)"]),
+        ({"target_prompt_logprobs": {**ids, "data": [5, -2, 6]}}, ["target_prompt_logprobs", "-1 or in"]),
+        ({"target_prompt_logprobs": {**csr, "sparse_col_indices": [1, 0]}}, ["target_prompt_logprobs", "strictly"]),
+        ({"target_prompt_logprobs": {**csr, "sparse_col_indices": [1, 1]}}, ["target_prompt_logprobs", "strictly"]),
+        ({"target_prompt_logprobs": {**csr, "sparse_col_indices": [0, 2]}}, ["target_prompt_logprobs", "col_indices"]),
+        ({"target_prompt_logprobs": [5, 6, 7]}, ["target_prompt_logprobs", "object"]),
+        ({"prompt_alt_tokens_k": -1}, ["prompt_alt_tokens_k", ">= 0"]),
+        ({"prompt_alt_tokens_k": (1 << 18) + 1}, ["prompt_alt_tokens_k", "4 × 262145 > 1048576"]),
+    ]
+    fine = {"prompt_logprobs": True, "prompt_logprobs_last_n": 3, "target_prompt_logprobs": ids,
+            "prompt_alt_tokens_k": 2, "topk_sample_logprobs": 100}
+
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, _):
+            sampler_id = await _sampler(http)
+            for options, words in bad:
+                await expect_error(await http.post("/api/v1/asample", headers=KEY,
+                                                   json=_sample_body(sampler_id, prompt, **options)), 400, *words)
+            resp = await http.post("/api/v1/asample", headers=KEY, json=_sample_body(sampler_id, prompt, **fine))
+            assert resp.status == 200, await resp.text()
+            # the test model's vocabulary cannot reach the cell bound of target ids: lower it
+            monkeypatch.setattr(cluster.sample_options, "MAX_PROMPT_SCORE_CELLS", 4 * 2 - 1)
+            await expect_error(await http.post("/api/v1/asample", headers=KEY, json=_sample_body(
+                sampler_id, prompt, seq_id=1, target_prompt_logprobs=ids)), 400,
+                "target_prompt_logprobs", "len(prompt) × distinct ids = 4 × 2 > 7")
 
     asyncio.run(scenario())

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from actors.engine.adapters import AdapterSlotsBusy, UnknownAdapterError
-from actors.engine.backend import TOPK_SENTINEL_LOGPROB, TorchEngineBackend
+from actors.engine.backend import TorchEngineBackend
+from actors.engine.prompt_scores import TOPK_SENTINEL_LOGPROB
 from actors.lora import PEFT_PREFIX, module_kind, save_peft_adapter, trains_kind
 from actors.model_loading import load_causal_lm
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig
@@ -348,4 +349,155 @@ def test_invalid_requests_are_value_errors(backend):
     for req, message in bad:
         with pytest.raises(ValueError, match=message):
             backend.submit(req)
+    assert not backend.has_work()
+
+
+# -- SDK 0.38 sampling options ----------------------------------------------------------
+
+
+def _with(req: EngineSampleReq, **options) -> EngineSampleReq:
+    for name, value in options.items():
+        setattr(req, name, value)
+    return req
+
+
+def _holey_target_ids(backend, prompt_len: int, k: int, seed: int) -> np.ndarray:
+    """[prompt_len - 1, k] random ids, -1 in every cell of the first two rows and in some later ones."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, backend.vocab_size, size=(prompt_len - 1, k), dtype=np.int64)
+    ids[rng.random(ids.shape) < 0.3] = -1
+    ids[:2] = -1
+    return ids
+
+
+def test_topk_sample_logprobs_of_a_greedy_run_are_the_reference_top_k(backend, reference):
+    prompt = _prompt(backend, "the quick brown fox")
+    (result,) = backend.generate([_with(_request(prompt, max_tokens=8), topk_sample_logprobs=5)])
+    (seq,) = result.sequences
+    assert seq.topk_token_ids.dtype == np.int32 and seq.topk_logprobs.dtype == np.float32
+    assert seq.topk_token_ids.shape == seq.topk_logprobs.shape == (8, 5)
+    top = _full_logprobs(reference, list(prompt) + seq.tokens.tolist())[len(prompt) - 1:-1].topk(5, dim=-1)
+    np.testing.assert_array_equal(seq.topk_token_ids, top.indices.numpy())
+    np.testing.assert_allclose(seq.topk_logprobs, top.values.numpy(), atol=TOL)
+    np.testing.assert_array_equal(seq.topk_token_ids[:, 0], seq.tokens)  # greedy takes the top one
+    (plain,) = backend.generate([_request(prompt, max_tokens=8)])
+    assert plain.sequences[0].topk_token_ids is None
+
+
+def test_target_prompt_logprobs_gather_the_reference_at_named_cells(backend, reference):
+    prompt = _prompt(backend, "pig latin by moving the first consonant cluster")
+    ids = _holey_target_ids(backend, len(prompt), 3, seed=1)
+    listed = ids != -1
+    (result,) = backend.generate([_with(_request(prompt, max_tokens=2), target_prompt_token_ids=ids,
+                                        target_prompt_listed=listed)])
+    full = _full_logprobs(reference, prompt)[:-1]  # row i predicts prompt position i + 1
+    expected = np.where(listed, full.gather(1, torch.as_tensor(np.maximum(ids, 0))).numpy(), 0.0)
+    assert result.target_prompt_logprobs.dtype == np.float32 and result.target_prompt_logprobs.shape == ids.shape
+    np.testing.assert_allclose(result.target_prompt_logprobs, expected, atol=TOL)
+    assert (result.target_prompt_logprobs[~listed] == 0.0).all()
+    assert result.target_prompt_listed is listed  # the layout travels with the result
+    assert result.prompt_logprobs is None and result.prompt_alt_token_ids is None
+
+
+def test_prompt_logprobs_last_n_scores_the_suffix_exactly_like_full_scoring(backend, reference):
+    prompt = _prompt(backend, "one two three four five six seven")
+    last_n = 3
+    full_req = _with(_request(prompt, max_tokens=1), prompt_logprobs=True, topk_prompt_logprobs=4)
+    suffix_req = _with(_request(prompt, max_tokens=1), prompt_logprobs=True, topk_prompt_logprobs=4,
+                       prompt_logprobs_last_n=last_n)
+    full, suffix = backend.generate([full_req, suffix_req])
+    assert np.isnan(suffix.prompt_logprobs[:-last_n]).all()
+    np.testing.assert_allclose(suffix.prompt_logprobs[-last_n:], full.prompt_logprobs[-last_n:], atol=TOL)
+    reference_lp = _full_logprobs(reference, prompt)[:-1]
+    expected = reference_lp[torch.arange(len(prompt) - 1), torch.as_tensor(prompt[1:])].numpy()
+    np.testing.assert_allclose(suffix.prompt_logprobs[-last_n:], expected[-last_n:], atol=TOL)
+    assert (suffix.topk_prompt_token_ids[:-last_n] == 0).all()
+    assert (suffix.topk_prompt_logprobs[:-last_n] == TOPK_SENTINEL_LOGPROB).all()
+    np.testing.assert_array_equal(suffix.topk_prompt_token_ids[-last_n:], full.topk_prompt_token_ids[-last_n:])
+    np.testing.assert_allclose(suffix.topk_prompt_logprobs[-last_n:], full.topk_prompt_logprobs[-last_n:], atol=TOL)
+
+
+def test_prompt_alt_tokens_are_seeded_draws_with_the_reference_logprobs(backend, reference):
+    prompt = _prompt(backend, "question answer user assistant")
+    full = _full_logprobs(reference, prompt)[:-1]
+
+    def alt(seed, temperature=1.0, k=4, **params):
+        req = _with(_request(prompt, max_tokens=6, temperature=temperature, seed=seed, **params),
+                    prompt_alt_tokens_k=k)
+        return backend.generate([req])[0]
+
+    first = alt(seed=5)
+    tokens, logprobs = first.prompt_alt_token_ids, first.prompt_alt_logprobs
+    assert tokens.dtype == np.int64 and logprobs.dtype == np.float32
+    assert tokens.shape == logprobs.shape == (len(prompt) - 1, 4)
+    np.testing.assert_allclose(logprobs, full.gather(1, torch.as_tensor(tokens)).numpy(), atol=TOL)
+    assert len(np.unique(tokens)) > 4  # draws, not a fixed choice
+    again = alt(seed=5, top_k=1)  # top_k / top_p do not apply to the draws
+    np.testing.assert_array_equal(again.prompt_alt_token_ids, tokens)
+    assert not np.array_equal(alt(seed=6).prompt_alt_token_ids, tokens)
+    # a stream of its own: the samples are those of the same seed without draws
+    (no_draws,) = backend.generate([_request(prompt, max_tokens=6, temperature=1.0, seed=5)])
+    assert first.sequences[0].tokens.tolist() == no_draws.sequences[0].tokens.tolist()
+    greedy = alt(seed=None, temperature=0.0, k=3)
+    np.testing.assert_array_equal(greedy.prompt_alt_token_ids, full.argmax(dim=-1, keepdim=True).repeat(1, 3).numpy())
+
+
+def test_options_share_a_batch_with_plain_requests_without_changing_them(backend):
+    plain = [
+        _request(_prompt(backend, "the quick brown fox jumps"), num_samples=3, max_tokens=9),
+        _request(_prompt(backend, "seven"), max_tokens=12, temperature=1.0, seed=4),
+        _with(_request(_prompt(backend, "hello world banana"), num_samples=2, max_tokens=5, temperature=0.8,
+                       seed=8), prompt_logprobs=True),
+    ]
+    long_prompt = _prompt(backend, "pig latin by moving the first consonant cluster to the end")
+    with_options = [
+        _with(_request(long_prompt, max_tokens=7, temperature=1.0, seed=3), topk_sample_logprobs=3,
+              prompt_alt_tokens_k=2),
+        _with(_request(long_prompt, num_samples=2, max_tokens=4), prompt_logprobs=True, prompt_logprobs_last_n=2,
+              target_prompt_token_ids=_holey_target_ids(backend, len(long_prompt), 2, seed=2)),
+    ]
+    requests = [plain[0], with_options[0], plain[1], with_options[1], plain[2]]
+    alone = [backend.generate([r])[0] for r in requests]
+    backend.max_batch_sequences = 4  # admissions split requests and join a running batch
+    together = backend.generate(requests)
+    for solo, batched in zip(alone, together):
+        for name in ("prompt_logprobs", "target_prompt_logprobs", "prompt_alt_logprobs"):
+            if getattr(solo, name) is not None:
+                np.testing.assert_allclose(getattr(batched, name), getattr(solo, name), atol=TOL)
+        if solo.prompt_alt_token_ids is not None:
+            np.testing.assert_array_equal(batched.prompt_alt_token_ids, solo.prompt_alt_token_ids)
+        for s, b in zip(solo.sequences, batched.sequences, strict=True):
+            assert b.tokens.tolist() == s.tokens.tolist()
+            np.testing.assert_allclose(b.logprobs, s.logprobs, atol=TOL)
+            assert (b.topk_token_ids is None) == (s.topk_token_ids is None)
+            if s.topk_token_ids is not None:
+                np.testing.assert_array_equal(b.topk_token_ids, s.topk_token_ids)
+                np.testing.assert_allclose(b.topk_logprobs, s.topk_logprobs, atol=TOL)
+    for result in (together[0], together[2], together[4]):
+        assert result.target_prompt_logprobs is None and result.prompt_alt_token_ids is None
+        assert all(s.topk_token_ids is None for s in result.sequences)
+
+
+def test_invalid_sample_options_are_value_errors(backend):
+    prompt = _prompt(backend, "hello there you")  # several tokens
+    n = len(prompt)
+    good_ids = np.zeros((n - 1, 2), dtype=np.int64)
+    bad = [
+        ({"topk_sample_logprobs": -1}, "topk_sample_logprobs"),
+        ({"topk_sample_logprobs": backend.vocab_size + 1}, "topk_sample_logprobs"),
+        ({"prompt_logprobs_last_n": 1}, "requires prompt_logprobs"),
+        ({"prompt_logprobs": True, "prompt_logprobs_last_n": 0}, "prompt_logprobs_last_n"),
+        ({"prompt_logprobs": True, "prompt_logprobs_last_n": n}, "prompt_logprobs_last_n"),
+        ({"target_prompt_token_ids": good_ids[1:]}, "rows"),
+        ({"target_prompt_token_ids": good_ids[:, 0]}, "2-D"),
+        ({"target_prompt_token_ids": good_ids.astype(np.float32)}, "int64"),
+        ({"target_prompt_token_ids": good_ids - 1}, "no token id"),
+        ({"target_prompt_token_ids": good_ids + backend.vocab_size}, "target_prompt_logprobs ids"),
+        ({"target_prompt_token_ids": good_ids, "target_prompt_listed": np.ones(3, bool)}, "target_prompt_listed"),
+        ({"prompt_alt_tokens_k": -1}, "prompt_alt_tokens_k"),
+        ({"prompt_alt_tokens_k": 1 << 20}, "prompt_alt_tokens_k"),
+    ]
+    for options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            backend.submit(_with(_request(prompt), **options))
     assert not backend.has_work()

@@ -327,6 +327,30 @@ def test_sdk_sample_request_decodes():
     assert math.isclose(p.temperature, 0.7) and math.isclose(p.top_p, 0.9)
 
 
+def test_sdk_sample_options_decode():
+    req = sample_request_from_json(sdk_sample_body(topk_sample_logprobs=4, prompt_alt_tokens_k=3,
+                                                   prompt_logprobs_last_n=2), MODEL)
+    assert (req.topk_sample_logprobs, req.prompt_alt_tokens_k, req.prompt_logprobs_last_n) == (4, 3, 2)
+    assert req.target_prompt_token_ids is None and req.target_prompt_listed is None
+    plain = sample_request_from_json(sdk_sample_body(), MODEL)
+    assert (plain.topk_sample_logprobs, plain.prompt_alt_tokens_k, plain.prompt_logprobs_last_n) == (0, 0, None)
+
+
+def test_sdk_target_prompt_logprobs_decode_dense_or_csr_padded_with_minus_one():
+    ids = np.full((2, 3), -1, dtype=np.int64)
+    ids[1, 2] = 7
+    for target, listed in ((types.TensorData.from_numpy(ids), None),
+                           (types.TensorData(data=[7], dtype="int64", shape=[2, 3], sparse_crow_indices=[0, 0, 1],
+                                             sparse_col_indices=[2]), ids != -1)):
+        wire = {"data": target.data, "dtype": target.dtype, "shape": target.shape,
+                "sparse_crow_indices": target.sparse_crow_indices, "sparse_col_indices": target.sparse_col_indices}
+        req = sample_request_from_json(sdk_sample_body(target_prompt_logprobs=wire), MODEL)
+        assert req.target_prompt_token_ids.tolist() == ids.tolist()
+        assert (req.target_prompt_listed is None) == (listed is None)
+        if listed is not None:
+            assert req.target_prompt_listed.tolist() == listed.tolist()
+
+
 @pytest.mark.parametrize("stop, strings, token_ids, at_eos", [
     (None, [], [], True), ("END", ["END"], [], True), (["a", "b"], ["a", "b"], [], True),
     ([7, 8], [], [7, 8], True), ([], [], [], False)])
@@ -346,11 +370,11 @@ def test_stop_forms(stop, strings, token_ids, at_eos):
     ({"prompt": types.ModelInput.from_ints([1, 200])}, ["prompt", "200"]),
     ({"sampling_params": types.SamplingParams(max_tokens=62)},
      ["Prompt length plus max_tokens exceeds the model's context window: 3 + 62 > 64"]),
-    ({"prompt_logprobs_last_n": 1}, ["prompt_logprobs_last_n", "not supported"]),
-    ({"prompt_alt_tokens_k": 2}, ["prompt_alt_tokens_k", "not supported"]),
-    ({"topk_sample_logprobs": 3}, ["topk_sample_logprobs", "not supported"]),
-    ({"target_prompt_logprobs": {"data": [1, 2], "dtype": "int64", "shape": [2, 1]}},
-     ["target_prompt_logprobs", "not supported"]),
+    ({"prompt_logprobs_last_n": 3}, ["prompt_logprobs_last_n", "[1, 2]"]),
+    ({"prompt_alt_tokens_k": -1}, ["prompt_alt_tokens_k", ">= 0"]),
+    ({"topk_sample_logprobs": 101}, ["topk_sample_logprobs", "[0, 100]"]),
+    ({"target_prompt_logprobs": {"data": [1, 2], "dtype": "int64", "shape": [1, 2]}},
+     ["target_prompt_logprobs", "2 rows"]),
     ({"prompt": types.ModelInput(chunks=[types.ImageChunk(data=b"x", format="png")])}, ["image"]),
 ])
 def test_invalid_sample_requests_are_400(overrides, words):

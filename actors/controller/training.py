@@ -34,7 +34,12 @@ from cluster.messages import (
 )
 
 log = logging.getLogger(__name__)
-_CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# A checkpoint name is one directory name under its run's kind directory: it starts with a
+# letter or digit (so never "." or ".."), has no "/", and does not end in the suffixes the
+# trainer's atomic writer gives its work directories (<name>.tmp, <name>.old), which
+# saving another checkpoint would otherwise remove.
+_CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_WRITER_SUFFIXES = (".tmp", ".old")
 
 
 @dataclass
@@ -249,8 +254,9 @@ class TrainingService:
 
     @staticmethod
     def _check_name(name: str) -> None:
-        if not _CHECKPOINT_NAME.match(name):
-            raise ApiError(400, f"checkpoint name {name!r} must match {_CHECKPOINT_NAME.pattern}")
+        if not _CHECKPOINT_NAME.match(name) or name.endswith(_WRITER_SUFFIXES):
+            raise ApiError(400, f"checkpoint name {name!r} must match {_CHECKPOINT_NAME.pattern} and not end in "
+                                f"{' or '.join(_WRITER_SUFFIXES)}")
 
     def _check_not_saved(self, tinker_path: str, overwrite: bool) -> None:
         # 400 rather than Tinker's 409: the SDK retries a 409 for minutes before showing it

@@ -114,3 +114,25 @@ def test_server_still_serves_after_bad_requests(http, service_client):
     datum = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
                         loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [1.0, 1.0, 1.0]})
     assert tc.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+ESCAPING_NAMES = ["..", ".", "../../outside", "a/../../b", "/etc/x", "a/b", "..\\x", ".hidden", "x.tmp", "x.old",
+                  "", "a" * 129, "sp ace", "nul\x00", "caf\u00e9"]
+
+
+@pytest.mark.parametrize("endpoint", ["save_weights", "save_weights_for_sampler", "save_weights_external"])
+def test_checkpoint_names_cannot_leave_their_directory(cluster, http, service_client, endpoint):
+    tc = service_client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=4).result()
+    before = sorted(p for p in cluster.state_dir.rglob("*") if "logs" not in p.parts)
+    seq_id = 1
+    for name in ESCAPING_NAMES:
+        resp = http.post(f"/{endpoint}", json={"model_id": tc.model_id, "seq_id": seq_id, "path": name})
+        seq_id += 1
+        _assert_error(resp, 400, "checkpoint name")
+    after = sorted(p for p in cluster.state_dir.rglob("*") if "logs" not in p.parts)
+    assert [p for p in after if p not in before and "tinkerd.sqlite3" not in p.name] == []
+    # every refusal spent its seq_id: the next one is served
+    resp = http.post(f"/{endpoint}", json={"model_id": tc.model_id, "seq_id": seq_id, "path": "fine-name.v1"})
+    assert resp.status_code == 200, resp.text
+    result = http.post("/retrieve_future", json={"request_id": resp.json()["request_id"]}).json()
+    assert result["path"].endswith("/fine-name.v1"), result

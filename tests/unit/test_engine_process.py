@@ -174,6 +174,10 @@ def test_loads_are_served_between_decode_steps_or_wait_for_a_free_slot(engine, b
 
     # now "a" and "c" are both in use: a new adapter has to wait for one to finish
     short_id = _send(controller, _sample("c", max_tokens=200), ENGINE)
+    # the load comes on another socket, which the engine may read first; a reply on the
+    # controller's socket (ordered after the sample) says the sample is in and pins "c"
+    probe = _send(controller, EngineCancelSampleReq(request_id="none such"), ENGINE)
+    assert _replies(controller, 1)[0] == EngineCancelSampleResp(call_id=probe, cancelled=False)
     _send(trainer, EngineLoadAdapterReq(adapter_id="d", lora=UNEMBED_ONLY,
                                         tensors=_unembed_adapter(builtin_model_dir, 4)))
     assert trainer.recv(timeout_ms=200) is None, "the load should wait while every slot is in use"

@@ -32,10 +32,11 @@ from cluster.config import ClusterConfig
 from cluster.messages import (
     Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq,
     CreateSamplingSessionReq, CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp,
-    FinishSessionReq, FinishSessionResp, ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp, GetSessionReq, GetSessionResp,
-    ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, ReassignUserReq, ReassignUserResp,
-    RetrieveFutureReq, RetrieveFuturesReq, SampleReq, SaveWeightsExternalReq, SaveWeightsForSamplerReq,
-    SaveWeightsReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent, SkipSeqReq, SkipSeqResp, UserReq,
+    FinishSessionReq, FinishSessionResp, ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp,
+    GetSessionReq, GetSessionResp, ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, ReassignUserReq,
+    ReassignUserResp, RetrieveFutureReq, RetrieveFuturesReq, SampleReq, SaveWeightsExternalReq,
+    SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent, SkipSeqReq,
+    SkipSeqResp, UserReq,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import AsyncPeer

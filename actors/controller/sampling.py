@@ -117,8 +117,7 @@ class SamplingService:
         if existing is not None:
             return existing.sampling_session_id
         if req.model_path:
-            self._sampler_checkpoint(req.model_path, req.caller)
-            adapter_id = await self._adapter_for_path(req.model_path, req.session_id)
+            adapter_id = await self._adapter_for_path(req.model_path, req.session_id, req.caller)
         else:
             served = {self.config.model.name, self.config.model.path}
             if req.base_model not in served:
@@ -133,13 +132,12 @@ class SamplingService:
         if "/sampler_weights/" not in model_path:
             raise ApiError(400, f"can only sample from sampler_weights checkpoints, got {model_path!r}")
         checkpoint = self.store.checkpoint(model_path)
-        visible = checkpoint is not None and (caller is None or checkpoint["public"] or caller.owns(checkpoint["user"]))
-        if not visible:
+        if checkpoint is None or not (caller is None or checkpoint["public"] or caller.owns(checkpoint["user"])):
             raise ApiError(404, f"no checkpoint at {model_path!r}")
         return checkpoint
 
-    async def _adapter_for_path(self, model_path: str, session_id: str) -> str:
-        checkpoint = self._sampler_checkpoint(model_path)
+    async def _adapter_for_path(self, model_path: str, session_id: str, caller: Caller) -> str:
+        checkpoint = self._sampler_checkpoint(model_path, caller)
         if model_path not in self.adapters:
             await self._load_from_disk(model_path, checkpoint["directory"])
             self.adapter_loaded(model_path, owner_session=session_id, disk_path=checkpoint["directory"])

@@ -182,10 +182,10 @@ def gspo(target_logprobs: torch.Tensor, inputs: Inputs, config: Config,
     return -torch.minimum(ratio * advantages, clipped * advantages), {}
 
 
-# tinkerd's stable_reinforce (Thinking Machines' own objective is unpublished): TIS's
-# truncation cap C (Yao et al. 2025, "Your efficient RL framework secretly brings you
-# off-policy RL training": C = 2) and IcePop's mask bound M (Ring-1T report, 2025: tokens
-# whose train/infer ratio leaves [0.5, 5] are dropped; here symmetric in log space).
+# tinkerd's stable_reinforce (Thinking Machines' own objective is unpublished): a truncated
+# importance weight, cap C (TIS: Yao et al. 2025, "Your efficient RL framework secretly
+# brings you off-policy RL training"), and an IcePop mask (Ring-1T report, 2025) on the
+# ratio range [1/M, M]; M = 5 keeps [0.2, 5], the range prime-rl's IcePop loss uses.
 STABLE_REINFORCE_DEFAULTS = {"ratio_cap": 2.0, "ratio_mask": 5.0, "kl_coeff": 0.0}
 
 

@@ -32,7 +32,8 @@ from api.json_requests import (
 from api.sampling import DEFAULT_MAX_TOKENS, sample_request_from_json, sample_response_json, sample_response_proto
 from cluster.config import ModelConfig
 from cluster.messages import (
-    AdamParams, DatumProvenance, ForwardBackwardReq, ForwardBackwardResult, ProvenanceSpan, SampledSequence, SampleResult,
+    AdamParams, DatumProvenance, ForwardBackwardReq, ForwardBackwardResult, ProvenanceSpan, SampledSequence,
+    SampleResult,
 )
 
 MODEL = ModelConfig(name="test/model", max_context=64, vocab_size=100)

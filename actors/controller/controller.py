@@ -24,6 +24,7 @@ from actors.controller.checkpoints import CheckpointService, as_str_dict
 from actors.controller.errors import ApiError
 from actors.controller.futures import FutureStore, UnknownFuture
 from actors.controller.sampling import SamplingService
+from actors.controller.schema import SCHEMA_VERSION
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.training import TrainingService
@@ -80,6 +81,9 @@ class Controller:
         were in memory; requests for them get a 410 saying so. Futures left pending can
         never settle and are failed.
         """
+        if self.store.found_version < SCHEMA_VERSION:
+            log.info("state database %s brought from schema version %d to %d", self.config.database_path,
+                     self.store.found_version, SCHEMA_VERSION)
         for session_id, user in self.store.unfinished_sessions():
             self.sessions[session_id] = Session(session_id, user)
         orphans = self.futures.fail_orphans()

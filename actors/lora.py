@@ -10,44 +10,51 @@ exactly zero gradients (a one-slot batch slices them off, a mixed batch multipli
 them by `rank_mask`). A module a slot does not train (e.g. `train_mlp=False`) gets
 scaling 0 and zero weights, so it contributes nothing and its gradients are zero too.
 
-Adapters leave and enter in PEFT layout (`base_model.model.<path>.lora_A.weight`
+Adapters leave and enter in PEFT layout (actors/peft.py: `base_model.model.<path>.lora_A.weight`
 [r, in] / `lora_B.weight` [out, r]), the format peft, vLLM and SGLang load.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from pathlib import Path
+from typing import Iterator, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from actors.peft import lora_tensor_names, module_kind, trains_kind
 from cluster.messages import LoraSpec
 
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-UNEMBED_MODULES = ("lm_head",)
 BASE_SLOT = 0
-PEFT_PREFIX = "base_model.model."
 
 
-def module_kind(path: str) -> str | None:
-    leaf = path.rsplit(".", 1)[-1]
-    if leaf in ATTN_MODULES:
-        return "attn"
-    if leaf in MLP_MODULES:
-        return "mlp"
-    if leaf in UNEMBED_MODULES:
-        return "unembed"
-    return None
+def validate_lora_spec(spec: LoraSpec, max_rank: int) -> None:
+    if spec.rank < 1 or spec.rank & (spec.rank - 1):
+        raise ValueError(f"LoRA rank must be a power of 2, got {spec.rank}")
+    if spec.rank > max_rank:
+        raise ValueError(f"LoRA rank {spec.rank} exceeds this server's maximum {max_rank}")
+    if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+        raise ValueError("at least one of train_attn, train_mlp, train_unembed must be set")
 
 
-def trains_kind(spec: LoraSpec, kind: str) -> bool:
-    return {"attn": spec.train_attn, "mlp": spec.train_mlp, "unembed": spec.train_unembed}[kind]
+def draw_lora_a(spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A fresh full A `[rank, in]` (kaiming-uniform, as PEFT) for each trained module, in order.
+
+    `module_shapes` is the whole model's (path -> (in, out)) in HF module order. One
+    generator seeded with spec.seed serves all modules, so a module's A depends on every
+    trained module before it: every backend walks the whole list, whatever part of the
+    model it holds, and so inits identically at any parallel layout.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(spec.seed or 0))
+    for path, (in_features, _) in module_shapes.items():
+        if not trains_kind(spec, module_kind(path)):
+            continue
+        a = torch.empty(spec.rank, in_features)
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5))
+        a.uniform_(-bound, bound, generator=generator)
+        yield path, a
 
 
 class _AdapterIndices:
@@ -131,24 +138,14 @@ class LoraSlots:
     # -- slots -------------------------------------------------------------------------
 
     def validate(self, spec: LoraSpec) -> None:
-        if spec.rank < 1 or spec.rank & (spec.rank - 1):
-            raise ValueError(f"LoRA rank must be a power of 2, got {spec.rank}")
-        if spec.rank > self.max_rank:
-            raise ValueError(f"LoRA rank {spec.rank} exceeds this server's maximum {self.max_rank}")
-        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
-            raise ValueError("at least one of train_attn, train_mlp, train_unembed must be set")
+        validate_lora_spec(spec, self.max_rank)
 
     @torch.no_grad()
     def init_slot(self, slot: int, spec: LoraSpec) -> None:
         """Fresh adapter: A ~ kaiming-uniform (as PEFT does), B = 0, so outputs are unchanged."""
         self._configure(slot, spec)
-        gen = torch.Generator(device="cpu").manual_seed(int(spec.seed or 0))
-        for path, m in self.modules.items():
-            if not trains_kind(spec, module_kind(path)):
-                continue
-            a = torch.empty(spec.rank, m.lora_A.shape[-1])
-            bound = 1.0 / math.sqrt(m.lora_A.shape[-1])  # kaiming_uniform_(a=sqrt(5))
-            a.uniform_(-bound, bound, generator=gen)
+        for path, a in draw_lora_a(spec, self.module_shapes()):
+            m = self.modules[path]
             m.lora_A[slot, : spec.rank] = a.to(m.lora_A.dtype)
 
     @torch.no_grad()
@@ -198,15 +195,15 @@ class LoraSlots:
         out = {}
         for path, m in self.modules.items():
             if trains_kind(spec, module_kind(path)):
-                out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_A[slot, : spec.rank].detach().clone()
-                out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_B[slot, :, : spec.rank].detach().clone()
+                a_name, b_name = lora_tensor_names(path)
+                out[a_name] = m.lora_A[slot, : spec.rank].detach().clone()
+                out[b_name] = m.lora_B[slot, :, : spec.rank].detach().clone()
         return out
 
     @torch.no_grad()
     def load_slot(self, slot: int, spec: LoraSpec, tensors: dict[str, torch.Tensor]) -> None:
         self._configure(slot, spec)
-        expected = {k for path in self.modules if trains_kind(spec, module_kind(path))
-                    for k in (f"{PEFT_PREFIX}{path}.lora_A.weight", f"{PEFT_PREFIX}{path}.lora_B.weight")}
+        expected = {k for path in self.modules if trains_kind(spec, module_kind(path)) for k in lora_tensor_names(path)}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             self.clear_slot(slot)
@@ -214,76 +211,11 @@ class LoraSlots:
         for path, m in self.modules.items():
             if not trains_kind(spec, module_kind(path)):
                 continue
-            a = torch.as_tensor(tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"])
-            b = torch.as_tensor(tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+            a_name, b_name = lora_tensor_names(path)
+            a, b = torch.as_tensor(tensors[a_name]), torch.as_tensor(tensors[b_name])
             m.lora_A[slot, : spec.rank] = a.to(m.lora_A.dtype)
             m.lora_B[slot, :, : spec.rank] = b.to(m.lora_B.dtype)
 
-    def target_module_names(self, spec: LoraSpec) -> list[str]:
-        return sorted({p.rsplit(".", 1)[-1] for p in self.modules if trains_kind(spec, module_kind(p))})
-
-
-# -- PEFT files ---------------------------------------------------------------------------
-
-
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-
-
-def save_peft_adapter(directory: str | Path, tensors: dict[str, torch.Tensor], spec: LoraSpec,
-                      target_modules: list[str], base_model: str) -> int:
-    """Write adapter_model.safetensors + adapter_config.json; return bytes written.
-
-    The config spells out every LoRA field whose default differs between loaders, so
-    peft, vLLM and SGLang all read the same adapter: plain LoRA with scaling
-    lora_alpha / r (no rsLoRA, DoRA, LoRA bias, per-layer patterns, modules_to_save).
-    `lm_head` may be a target even when the model ties it to `embed_tokens`: the LoRA
-    applies to the output projection only (what peft does without
-    `ensure_weight_tying`), never to the input embedding.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    alpha = float(spec.alpha)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": spec.rank,
-        # an int where it is one: peft and vLLM declare lora_alpha as int
-        "lora_alpha": int(alpha) if alpha.is_integer() else alpha,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "target_modules": target_modules,
-        "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        # not PEFT fields: what tinkerd needs to rebuild the LoraSpec exactly
-        "tinkerd": {"train_attn": spec.train_attn, "train_mlp": spec.train_mlp,
-                    "train_unembed": spec.train_unembed},
-    }
-    tmp = directory / "adapter_model.safetensors.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(directory / "adapter_model.safetensors")
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return sum(f.stat().st_size for f in directory.iterdir())
-
-
-def load_peft_adapter(directory: str | Path) -> tuple[LoraSpec, dict[str, torch.Tensor]]:
-    directory = Path(directory)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    tensors = load_file(str(directory / "adapter_model.safetensors"))
-    kinds = config.get("tinkerd") or {
-        "train_attn": any(t in ATTN_MODULES for t in config["target_modules"]),
-        "train_mlp": any(t in MLP_MODULES for t in config["target_modules"]),
-        "train_unembed": any(t in UNEMBED_MODULES for t in config["target_modules"]),
-    }
-    spec = LoraSpec(rank=int(config["r"]), alpha=float(config["lora_alpha"]), **kinds)
-    return spec, tensors
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """HF module path -> (in_features, out_features) of every LoRA-wrapped module, in model order."""
+        return {path: (m.base.in_features, m.base.out_features) for path, m in self.modules.items()}

@@ -48,6 +48,28 @@ def encode(msg: Any) -> list:
     return [header, *(memoryview(a).cast("B") if a.size else b"" for a in arrays)]
 
 
+def peek_header(frames: Sequence) -> tuple[str, int] | None:
+    """(message type name, call_id) of a message `decode` refused, if its header still
+    says them: so the receiver can answer the request, or fail the call waiting for
+    that reply, instead of dropping it and leaving someone waiting forever."""
+    def lenient_ext_hook(code: int, data: bytes):
+        if code == _EXT_MESSAGE:
+            return msgpack.unpackb(data, ext_hook=lenient_ext_hook, strict_map_key=False)
+        return None
+
+    try:
+        first = frames[0]
+        outer = msgpack.unpackb(first.buffer if hasattr(first, "buffer") else first,
+                                ext_hook=lenient_ext_hook, strict_map_key=False)
+        name, fields = outer
+        call_id = fields["call_id"]
+    except Exception:
+        return None
+    if not isinstance(name, str) or not isinstance(call_id, int):
+        return None
+    return name, call_id
+
+
 def decode(frames: Sequence) -> Any:
     """Inverse of `encode`; frames may be bytes or zmq.Frame objects."""
     buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames]

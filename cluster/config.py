@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.parallel import ParallelDims
+
 
 @dataclass
 class ModelConfig:
@@ -43,17 +45,25 @@ class ControllerConfig:
 
 @dataclass
 class TrainerConfig:
-    backend: str = "torch"
-    ranks: int = 1
+    backend: str = "torch"  # a name in cluster/backends.py's TRAINER_BACKENDS
+    ranks: int = 1  # the world size: dp * tp * pp
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel stages
+    # the longest the controller waits for a trainer rank's reply (a hung collective, a
+    # lost frame); past it the call fails, and so does every later one
+    call_timeout_s: float = 600.0
     max_adapters: int = 8  # adapter slots (LoRA training runs held at once)
     max_lora_rank: int = 32
     dtype: str = "float32"
     device: str = "cpu"
 
+    def parallel_dims(self) -> ParallelDims:
+        return ParallelDims.for_world(self.ranks, self.tp, self.pp)
+
 
 @dataclass
 class EngineConfig:
-    backend: str = "torch"
+    backend: str = "torch"  # a name in cluster/backends.py's ENGINE_BACKENDS
     count: int = 1
     max_adapters: int = 16  # adapter slots per engine
     max_lora_rank: int = 32

@@ -650,11 +650,21 @@ class ReassignUserResp(Message):
 
 
 @message
+class RankCoords:
+    """A trainer rank's place in the parallel layout (cluster/parallel.py)."""
+
+    dp: int = 0
+    tp: int = 0
+    pp: int = 0
+
+
+@message
 class WorkerReadyEvent(Message):
     role: str  # "trainer" | "engine"
     rank: int
     world_size: int
     weights_address: str = ""  # engines: where trainers push adapters
+    coords: RankCoords | None = None  # trainers: the coordinates the rank computed for itself
     info: dict[str, Any] = field(default_factory=dict)
 
 

@@ -8,6 +8,11 @@
 
 `BlockingPeer` is the same for compute workers, whose event loop is a plain
 recv -> compute -> reply loop so that torch never shares a thread with asyncio.
+
+A message that cannot be decoded is never just dropped, or whoever sent it would wait
+forever: if its header still names it, a request is answered with a 400 ErrorResp and a
+reply fails the call waiting for it (a 502); only frames that say nothing at all (not
+even a call_id) are logged and discarded.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import Any, Awaitable, Callable, Sequence
 
 import zmq
 import zmq.asyncio
 
 from cluster.errors import StatusError
-from cluster.codec import decode, encode
+from cluster.codec import decode, encode, peek_header
 from cluster.messages import ErrorResp
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,20 @@ class RemoteError(StatusError):
 
 def _is_reply(msg: Any) -> bool:
     return type(msg).__name__.endswith("Resp")
+
+
+def _undecodable(frames: Sequence, peer: bytes | None, exc: Exception) -> tuple[str, ErrorResp] | None:
+    """For frames `decode` refused: ("request" | "reply", the ErrorResp standing for it), or
+    None when not even their header says what they were."""
+    header = peek_header(frames)
+    if header is None:
+        log.error("discarding undecodable frames from %r (no message header): %s", peer, exc)
+        return None
+    name, call_id = header
+    log.error("undecodable %s (call %d) from %r: %s", name, call_id, peer, exc)
+    if name.endswith("Resp"):
+        return "reply", ErrorResp(call_id=call_id, status=502, detail=f"undecodable {name} reply: {exc}")
+    return "request", ErrorResp(call_id=call_id, status=400, detail=f"undecodable {name}: {exc}")
 
 
 class AsyncPeer:
@@ -67,9 +87,14 @@ class AsyncPeer:
                 peer, frames = frames[0].bytes, frames[1:]
             try:
                 msg = decode(frames)
-            except Exception:
-                log.exception("undecodable message from %r", peer)
-                continue
+            except Exception as exc:
+                answer = _undecodable(frames, peer, exc)
+                if answer is None:
+                    continue
+                kind, msg = answer
+                if kind == "request":
+                    self.reply(peer, msg, msg)
+                    continue
             waiter = self._pending.pop((peer, msg.call_id), None) if _is_reply(msg) else None
             if waiter is not None:
                 if not waiter.done():
@@ -165,14 +190,28 @@ class BlockingPeer:
         self.send(resp, peer)
 
     def recv(self, timeout_ms: int | None = None) -> tuple[bytes | None, Any] | None:
-        """Next (peer, message), or None if nothing arrived within timeout_ms."""
-        if timeout_ms is not None and not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return None
-        frames = self.sock.recv_multipart(copy=False)
-        peer = None
-        if self.kind == zmq.ROUTER:
-            peer, frames = frames[0].bytes, frames[1:]
-        return peer, decode(frames)
+        """Next (peer, message), or None if nothing arrived within timeout_ms.
+
+        An undecodable request is answered here (400) and skipped; an undecodable reply
+        comes back as the ErrorResp that stands for it, so `call` raises.
+        """
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            remaining = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if remaining is not None and not self.sock.poll(remaining, zmq.POLLIN):
+                return None
+            frames = self.sock.recv_multipart(copy=False)
+            peer = None
+            if self.kind == zmq.ROUTER:
+                peer, frames = frames[0].bytes, frames[1:]
+            try:
+                return peer, decode(frames)
+            except Exception as exc:
+                answer = _undecodable(frames, peer, exc)
+            if answer is not None and answer[0] == "reply":
+                return peer, answer[1]
+            if answer is not None:
+                self.send(answer[1], peer)
 
     def call(self, req: Any, timeout_ms: int = 600_000) -> Any:
         """Send req and block for its reply. Only for DEALERs with no other traffic."""

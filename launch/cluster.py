@@ -32,7 +32,9 @@ if __name__ == "__main__" and not __package__:
     # would shadow the `cluster` package; the repository root belongs there instead
     sys.path[0] = str(REPO_ROOT)
 
-from cluster.config import ClusterConfig, ControllerConfig, ModelConfig  # noqa: E402
+from cluster.backends import TRAINER_BACKENDS, check_backend  # noqa: E402
+from cluster.config import ClusterConfig, ControllerConfig, ModelConfig, TrainerConfig  # noqa: E402
+from cluster.parallel import ParallelDims  # noqa: E402
 from cluster.process import die_with_parent  # noqa: E402
 from cluster.users import load_api_keys  # noqa: E402
 
@@ -58,7 +60,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="API port (0 = pick a free one)")
     p.add_argument("--state-dir", type=Path, default=default_state_dir())
-    p.add_argument("--trainer-ranks", type=int, default=1, help="data-parallel trainer ranks (torchrun)")
+    p.add_argument("--trainer-ranks", type=int, default=1,
+                   help="trainer ranks (torchrun world size); data parallel = ranks / (tp * pp)")
+    p.add_argument("--trainer-backend", default="torch", choices=sorted(TRAINER_BACKENDS),
+                   help="torch: one transformers model per rank, data parallel only; megatron: megatron-core "
+                        "with tensor and pipeline parallelism (pip install -e '.[megatron]')")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (megatron backend)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (megatron backend)")
+    p.add_argument("--trainer-timeout", type=float, default=TrainerConfig.call_timeout_s, metavar="SECONDS",
+                   help="the longest a trainer rank may take to answer one step before the controller fails it "
+                        "(a hung collective); default %(default)g")
     p.add_argument("--engines", type=int, default=1, help="sampling engine processes")
     p.add_argument("--max-adapters", type=int, default=8, help="LoRA training runs held at once")
     p.add_argument("--max-lora-rank", type=int, default=32)
@@ -77,12 +88,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--session-timeout must be positive")
     if args.max_adapters_per_user is not None and args.max_adapters_per_user < 1:
         p.error("--max-adapters-per-user must be at least 1")
+    if args.trainer_timeout <= 0:
+        p.error("--trainer-timeout must be positive")
+    _check_trainer_layout(p, args)
     if args.api_keys_file is not None:
         try:
             load_api_keys(args.api_keys_file)  # the API process reads it again; refuse a bad one here, at once
         except ValueError as exc:
             p.error(str(exc))
     return args
+
+
+def _check_trainer_layout(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything starts, a backend that cannot run or a layout that does not divide."""
+    try:
+        entry = check_backend("trainer", args.trainer_backend)
+        dims = ParallelDims.for_world(args.trainer_ranks, args.tp, args.pp)
+    except ValueError as exc:
+        p.error(str(exc))
+    if not entry.model_parallel and (dims.tp > 1 or dims.pp > 1):
+        p.error(f"the {args.trainer_backend} trainer backend runs data parallel only; --tp/--pp need "
+                f"--trainer-backend megatron")
 
 
 def _python_module(module: str, *args: str) -> str:
@@ -124,6 +150,8 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     config.controller.session_timeout_s = args.session_timeout
     config.controller.max_adapters_per_user = args.max_adapters_per_user
     config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
+    config.trainer.backend, config.trainer.tp, config.trainer.pp = args.trainer_backend, args.tp, args.pp
+    config.trainer.call_timeout_s = args.trainer_timeout
     config.trainer.max_lora_rank = config.engine.max_lora_rank = args.max_lora_rank
     config.trainer.device = config.engine.device = args.device
     config.trainer.dtype = config.engine.dtype = args.dtype

@@ -2,9 +2,12 @@
 
 Submissions are checked and answered at once (a request_id); the run's SeqLedger
 releases them in seq_id order into one FIFO, and a single executor task runs them:
-each step is a fan-out to every trainer rank and a barrier on all replies. Data
-parallel ranks get contiguous shards of the datums; their outputs are concatenated
-back in datum order and their metrics merged by reduction suffix.
+each step is a fan-out to every trainer rank and a barrier on all replies. The datums
+are cut into one contiguous shard per data-parallel group, and every tensor/pipeline
+rank of a group gets its group's shard. Each group's outputs come from its reporting
+rank (cluster/parallel.py); they are concatenated back in datum order and their metrics
+merged by reduction suffix. Exports and saves are collectives on every rank, answered
+for by EXPORTING_RANK.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.workers import WorkerPool
 from cluster.config import ClusterConfig
+from cluster.metrics import merge_metrics
+from cluster.parallel import EXPORTING_RANK
 from cluster.messages import (
     Caller, CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, LoadWeightsReq, OptimStepReq,
     SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq, SubmitResp, TrainerCreateAdapterReq,
@@ -64,27 +69,6 @@ class _Op:
 @dataclass
 class DropRunOp:
     """Internal op: free the run's slot once everything queued before it has run."""
-
-
-def merge_metrics(shards: list[tuple[dict[str, float], int]]) -> dict[str, float]:
-    """Combine per-rank metrics as the SDK combines per-chunk ones (by key suffix)."""
-    merged: dict[str, float] = {}
-    keys = {k for metrics, _ in shards for k in metrics}
-    for key in sorted(keys):
-        present = [(m[key], n) for m, n in shards if key in m]
-        reduction = key.rsplit(":", 1)[-1]
-        if reduction == "sum":
-            merged[key] = float(sum(v for v, _ in present))
-        elif reduction == "mean":
-            total = sum(n for _, n in present)
-            merged[key] = float(sum(v * n for v, n in present) / total) if total else 0.0
-        elif reduction == "min":
-            merged[key] = float(min(v for v, n in present if n) if any(n for _, n in present) else 0.0)
-        elif reduction == "max":
-            merged[key] = float(max(v for v, n in present if n) if any(n for _, n in present) else 0.0)
-        else:
-            merged[key] = float(present[0][0])
-    return merged
 
 
 class TrainingService:
@@ -314,13 +298,15 @@ class TrainingService:
         return JsonResult(payload={"model_id": run.model_id})
 
     async def execute_ForwardBackwardReq(self, run: TrainingRun, req: ForwardBackwardReq) -> ForwardBackwardResult:
-        ranks = self.workers.expected_trainers
-        bounds = np.linspace(0, req.batch.num_datums, ranks + 1).astype(int)
-        shards = [TrainerForwardBackwardReq(
-            slot=run.slot, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config,
-            forward_only=req.forward_only, batch=req.batch.select(bounds[r], bounds[r + 1]))
-            for r in range(ranks)]
-        results = [resp.result for resp in await self.workers.trainer_fan_out(shards)]
+        dims = self.workers.dims
+        bounds = dims.shard_bounds(req.batch.num_datums)
+        shards = []
+        for rank in range(dims.world_size):
+            shards.append(TrainerForwardBackwardReq(
+                slot=run.slot, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config,
+                forward_only=req.forward_only, batch=req.batch.select(*bounds[dims.coords(rank).dp])))
+        replies = await self.workers.trainer_fan_out(shards)
+        results = [resp.result for resp in self.workers.reporting_replies(replies)]
         return ForwardBackwardResult(
             lengths=np.concatenate([r.lengths for r in results]),
             logprobs=np.concatenate([r.logprobs for r in results]),
@@ -330,7 +316,8 @@ class TrainingService:
 
     async def execute_OptimStepReq(self, run: TrainingRun, req: OptimStepReq) -> JsonResult:
         replies = await self.workers.trainer_broadcast(lambda: TrainerOptimStepReq(slot=run.slot, adam=req.adam))
-        return JsonResult(payload={"metrics": replies[0].metrics})
+        # the norm is of the whole gradient, all-reduced: every reporting rank knows the same one
+        return JsonResult(payload={"metrics": self.workers.reporting_replies(replies)[0].metrics})
 
     async def execute_SaveWeightsForSamplerReq(self, run: TrainingRun, req: SaveWeightsForSamplerReq) -> JsonResult:
         save_dir = None
@@ -345,7 +332,8 @@ class TrainingService:
         self.sampling.adapter_loaded(adapter_id, owner_session=run.session_id, disk_path=save_dir)
         if req.name is not None:
             self.store.add_checkpoint(adapter_id, run.model_id, run.user, "sampler_weights", req.name, save_dir,
-                                      replies[0].size_bytes, expiry_for(req.ttl_seconds), req.user_metadata)
+                                      replies[EXPORTING_RANK].size_bytes, expiry_for(req.ttl_seconds),
+                                      req.user_metadata)
             return JsonResult(payload={"path": adapter_id})
         sampling_session_id = self.sampling.add_session(
             run.session_id, run.user, req.sampling_session_seq_id, run.base_model, adapter_id, model_path=None)
@@ -357,8 +345,8 @@ class TrainingService:
         directory = self._checkpoint_dir(run, "weights", req.name)
         replies = await self.workers.trainer_broadcast(
             lambda: TrainerSaveStateReq(slot=run.slot, directory=directory, with_optimizer=True))
-        self.store.add_checkpoint(path, run.model_id, run.user, "weights", req.name, directory, replies[0].size_bytes,
-                                  expiry_for(req.ttl_seconds), req.user_metadata)
+        self.store.add_checkpoint(path, run.model_id, run.user, "weights", req.name, directory,
+                                  replies[EXPORTING_RANK].size_bytes, expiry_for(req.ttl_seconds), req.user_metadata)
         return JsonResult(payload={"path": path})
 
     async def execute_SaveWeightsExternalReq(self, run: TrainingRun, req: SaveWeightsExternalReq) -> JsonResult:
@@ -368,16 +356,17 @@ class TrainingService:
         directory = self._checkpoint_dir(run, "external_weights", req.name)
         replies = await self.workers.trainer_broadcast(lambda: TrainerPushAdapterReq(
             slot=run.slot, adapter_id=path, engine_addresses=[], save_dir=directory))
+        size_bytes = replies[EXPORTING_RANK].size_bytes
         self.store.add_checkpoint(path, run.model_id, run.user, "external_weights", req.name, directory,
-                                  replies[0].size_bytes, expiry_for(req.ttl_seconds))
-        return JsonResult(payload={"path": path, "size_bytes": replies[0].size_bytes})
+                                  size_bytes, expiry_for(req.ttl_seconds))
+        return JsonResult(payload={"path": path, "size_bytes": size_bytes})
 
     async def execute_LoadWeightsReq(self, run: TrainingRun, req: LoadWeightsReq) -> JsonResult:
         checkpoint = self._loadable_checkpoint(req)
         seed = run.lora.seed if run.lora is not None else None
         replies = await self.workers.trainer_broadcast(lambda: TrainerLoadStateReq(
             slot=run.slot, directory=checkpoint["directory"], with_optimizer=req.with_optimizer, seed=seed))
-        run.lora = replies[0].lora
+        run.lora = replies[EXPORTING_RANK].lora  # every rank read the same checkpoint
         self.store.set_training_run_lora(run.model_id, vars(run.lora))
         return JsonResult(payload={"path": req.path, "model_id": run.model_id})
 

@@ -1,9 +1,14 @@
 """The controller's side of the trainer ranks and engines: one ROUTER, two groups.
 
 Trainer ranks act as one: every training step is a fan-out to all of them and a
-barrier on all replies. Engines act alone: each sample goes to the least busy one.
-A worker that reports a failure poisons the pool, so every later call fails fast with
-the worker's own error instead of hanging.
+barrier on all replies, each reply within the trainer timeout. Their layout is a
+ParallelDims (cluster/parallel.py): each rank says where it sits when it says hello, and
+the pool refuses a rank whose coordinates disagree with the layout. Engines act alone:
+each sample goes to the least busy one.
+
+A worker that reports a failure poisons the pool, and so does a trainer rank that does
+not answer in time (a hung collective leaves the ranks out of step): every later call
+fails fast with the cause instead of hanging.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from cluster.messages import WorkerFailedEvent, WorkerReadyEvent
+from cluster.parallel import ParallelDims
 from cluster.transport import AsyncPeer
 
 log = logging.getLogger(__name__)
@@ -35,9 +41,12 @@ class EngineHandle:
 
 
 class WorkerPool:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, trainer_ranks: int, engines: int):
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, dims: ParallelDims, engines: int,
+                 trainer_timeout_s: float | None = None):
         self.peer = AsyncPeer(ctx, zmq.ROUTER, address, bind=True)
-        self.expected_trainers = trainer_ranks
+        self.dims = dims
+        self.expected_trainers = dims.world_size
+        self.trainer_timeout_s = trainer_timeout_s
         self.expected_engines = engines
         self.trainers: dict[int, bytes] = {}
         self.engines: dict[int, EngineHandle] = {}
@@ -58,6 +67,12 @@ class WorkerPool:
     def handle_WorkerReadyEvent(self, peer: bytes, msg: WorkerReadyEvent) -> None:
         log.info("%s %d/%d ready", msg.role, msg.rank, msg.world_size)
         if msg.role == "trainer":
+            expected = self.dims.coords(msg.rank) if 0 <= msg.rank < self.dims.world_size else None
+            if msg.coords != expected:
+                self.failure = (f"trainer {msg.rank} reports coordinates {msg.coords}, but the layout "
+                                f"{self.dims.describe()} puts it at {expected}")
+                log.error("%s", self.failure)
+                return
             self.trainers[msg.rank] = peer
             if msg.rank == 0:
                 self.trainer_info = dict(msg.info)
@@ -87,10 +102,32 @@ class WorkerPool:
     # -- trainers -----------------------------------------------------------------------
 
     async def trainer_fan_out(self, reqs: list[Any]) -> list[Any]:
-        """reqs[r] goes to trainer rank r; returns the replies in rank order."""
+        """reqs[r] goes to trainer rank r; returns the replies in rank order.
+
+        A rank's error reply fails the call at once. A rank that does not answer within
+        the trainer timeout poisons the pool: the other ranks may be waiting for it in a
+        collective, so no later step could be trusted either.
+        """
         self._check_alive()
         peers = [self.trainers[r] for r in range(self.expected_trainers)]
-        return await self.peer.fan_out(peers, reqs)
+        calls = [asyncio.ensure_future(self.peer.call(p, r, self.trainer_timeout_s)) for p, r in zip(peers, reqs)]
+        try:
+            return list(await asyncio.gather(*calls))
+        except TimeoutError:
+            await asyncio.wait(calls)  # they share one deadline: the others are done or late now
+            late = [rank for rank, c in enumerate(calls) if isinstance(c.exception(), TimeoutError)]
+            self.failure = (f"trainer rank(s) {late} did not answer {type(reqs[0]).__name__} within "
+                            f"{self.trainer_timeout_s:g} s (a hung collective or a lost message; see the "
+                            f"trainer logs); the trainer ranks are out of step, so tinkerd must be restarted")
+            log.error("%s", self.failure)
+            raise WorkerFailure(self.failure) from None
+        finally:
+            for call in calls:  # the replies still due after an early error are not awaited by anyone
+                call.add_done_callback(_consume_exception)
+
+    def reporting_replies(self, replies: list[Any]) -> list[Any]:
+        """The replies that speak for each DP group, in DP order (ParallelDims.reporting_rank)."""
+        return [replies[self.dims.reporting_rank(dp)] for dp in range(self.dims.dp)]
 
     async def trainer_broadcast(self, make_req: Callable[[], Any]) -> list[Any]:
         return await self.trainer_fan_out([make_req() for _ in range(self.expected_trainers)])
@@ -118,3 +155,8 @@ class WorkerPool:
     async def engine_broadcast(self, make_req: Callable[[], Any]) -> list[Any]:
         self._check_alive()
         return await asyncio.gather(*(self.engine_call(make_req(), e) for e in self.engines.values()))
+
+
+def _consume_exception(call: asyncio.Future) -> None:
+    if not call.cancelled():
+        call.exception()

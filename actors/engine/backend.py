@@ -35,8 +35,9 @@ from actors.engine.adapters import AdapterTable
 from actors.engine.kv_batch import KvBatch, left_padded
 from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
-from actors.lora import PEFT_PREFIX, LoraSlots, load_peft_adapter, module_kind, trains_kind
+from actors.lora import LoraSlots
 from actors.model_loading import load_causal_lm, load_tokenizer
+from actors.peft import check_tensors, expected_lora_shapes, read_peft_adapter
 from cluster.config import ClusterConfig
 from cluster.messages import EngineSampleReq, LoraSpec, SampledSequence, SampleResult
 from cluster.sample_options import check_sample_options
@@ -132,7 +133,7 @@ class TorchEngineBackend:
     def load_adapter_from_disk(self, adapter_id: str, path: str) -> None:
         """Load a PEFT directory (adapter_model.safetensors + adapter_config.json)."""
         try:
-            spec, tensors = load_peft_adapter(path)
+            spec, tensors = read_peft_adapter(path)
         except FileNotFoundError as exc:
             raise ValueError(f"no PEFT adapter at {path!r}: {exc}") from exc
         self.load_adapter(adapter_id, spec, tensors)
@@ -151,26 +152,10 @@ class TorchEngineBackend:
     def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:
         """Validate spec, names, shapes and values before any slot is touched."""
         self.slots.validate(spec)
-        expected = {}
-        for path, module in self.slots.modules.items():
-            if trains_kind(spec, module_kind(path)):
-                expected[f"{PEFT_PREFIX}{path}.lora_A.weight"] = (spec.rank, module.base.in_features)
-                expected[f"{PEFT_PREFIX}{path}.lora_B.weight"] = (module.base.out_features, spec.rank)
-        if set(tensors) != set(expected):
-            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-            raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}")
-        checked = {}
-        for name, shape in expected.items():
-            value = tensors[name]
-            # np.array copies: wire arrays are read-only views of ZMQ frames
-            tensor = value.detach() if isinstance(value, torch.Tensor) else torch.from_numpy(np.array(value))
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name} has shape {list(tensor.shape)}, expected {list(shape)}")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{name} holds non-finite values")
-            checked[name] = tensor
-        return checked
+        expected = expected_lora_shapes(spec, self.slots.module_shapes())
+        check_tensors("adapter", tensors, expected)
+        # np.array copies: wire arrays are read-only views of ZMQ frames
+        return {name: torch.from_numpy(np.array(tensors[name], dtype=np.float32)) for name in expected}
 
     # -- generation ----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""An engine process: one sampling engine (torch backend), serving the controller.
+"""An engine process: one sampling engine (the backend config.engine.backend names), serving the controller.
 
     python -m actors.engine.main --config cluster.json --index I
 
@@ -33,7 +33,7 @@ import zmq
 
 from actors.engine.adapters import AdapterSlotsBusy, UnknownAdapterError
 from actors.engine.backend import TorchEngineBackend
-from cluster.codec import CodecError
+from cluster.backends import load_backend
 from cluster.config import ClusterConfig
 from cluster.messages import (
     EngineCancelSampleReq,
@@ -98,7 +98,7 @@ class EngineWorker:
                              f"(engine.weights_addresses has {len(addresses)})")
         self.weights_address = addresses[self.index]
         self.weights = BlockingPeer(self.ctx, zmq.ROUTER, self.weights_address, bind=True)
-        self.backend = TorchEngineBackend(self.config)
+        self.backend = load_backend("engine", self.config.engine.backend)(self.config)
         self.controller.send(WorkerReadyEvent(role=ROLE, rank=self.index, world_size=self.config.engine.count,
                                               weights_address=self.weights_address, info=self.backend.info()))
         log.info("engine %d ready, weights at %s (%s)", self.index, self.weights_address, self.backend.info())
@@ -125,11 +125,7 @@ class EngineWorker:
     def _drain(self, peer: BlockingPeer) -> None:
         """Handle every message already waiting on `peer`."""
         while self.running:
-            try:
-                got = peer.recv(timeout_ms=0)
-            except CodecError as exc:
-                log.error("dropping an undecodable message: %s", exc)
-                continue
+            got = peer.recv(timeout_ms=0)  # an undecodable request is answered inside
             if got is None:
                 return
             identity, msg = got

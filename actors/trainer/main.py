@@ -17,13 +17,16 @@ import logging
 import os
 import sys
 import traceback
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import zmq
 
-from actors.trainer.backend import TorchTrainerBackend
+from actors.trainer.checkpoint_files import SlotState
+from actors.trainer.interface import TrainerBackend
+from cluster.backends import load_backend
 from cluster.config import ClusterConfig
 from cluster.messages import (
     EngineLoadAdapterReq,
@@ -67,7 +70,7 @@ class TrainerWorker:
         self.peer = BlockingPeer(self.ctx, zmq.DEALER, config.controller.worker_address,
                                  bind=False, identity=f"trainer-{rank}".encode())
         self.engine_peers: dict[str, BlockingPeer] = {}
-        self.backend: TorchTrainerBackend | None = None
+        self.backend: TrainerBackend | None = None
         self.handlers: dict[type, Callable[[Any], Any]] = {
             TrainerCreateAdapterReq: self.handle_TrainerCreateAdapterReq,
             TrainerDropAdapterReq: self.handle_TrainerDropAdapterReq,
@@ -81,11 +84,15 @@ class TrainerWorker:
     def start(self) -> None:
         """Join the process group, load the model, tell the controller this rank is ready."""
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.config.trainer.device.startswith("cuda") else "gloo")
-        self.backend = TorchTrainerBackend(self.config, self.rank, self.world_size, self.local_world_size)
+            # a collective that waits longer than the controller would is stuck: let it raise
+            dist.init_process_group(backend="nccl" if self.config.trainer.device.startswith("cuda") else "gloo",
+                                    timeout=timedelta(seconds=self.config.trainer.call_timeout_s))
+        backend_class = load_backend("trainer", self.config.trainer.backend)
+        self.backend = backend_class(self.config, self.rank, self.world_size, self.local_world_size)
         self.peer.send(WorkerReadyEvent(role=ROLE, rank=self.rank, world_size=self.world_size,
-                                        info=self.backend.info()))
-        log.info("trainer rank %d/%d ready (%s)", self.rank, self.world_size, self.backend.info())
+                                        coords=self.backend.coords, info=self.backend.info()))
+        log.info("trainer rank %d/%d ready: %s backend, %s, coords %s (%s)", self.rank, self.world_size,
+                 self.config.trainer.backend, self.backend.dims.describe(), self.backend.coords, self.backend.info())
 
     def event_loop(self) -> None:
         """Serve requests until a ShutdownEvent arrives."""
@@ -144,23 +151,22 @@ class TrainerWorker:
         return TrainerOptimStepResp(metrics=self.backend.optim_step(req.slot, req.adam))
 
     def handle_TrainerPushAdapterReq(self, req: TrainerPushAdapterReq) -> TrainerPushAdapterResp:
-        """Rank 0 exports the adapter to disk and/or engines; DP ranks hold the same weights."""
-        if self.rank != 0:
+        """Every rank takes part in gathering the adapter; the exporting rank writes it
+        to disk and/or pushes it to the engines, the others answer size 0."""
+        exported = self.backend.export_adapter(req.slot)
+        if exported is None:
             return TrainerPushAdapterResp(size_bytes=0)
-        spec, tensors = self.backend.export_adapter(req.slot)
-        arrays = {name: t.detach().to(device="cpu", dtype=torch.float32).numpy() for name, t in tensors.items()}
+        spec, arrays = exported
         size_bytes = sum(a.nbytes for a in arrays.values())
         if req.save_dir:  # a sampler_weights checkpoint: the adapter alone, written atomically
-            size_bytes = self.backend.save_state(req.slot, req.save_dir, with_optimizer=False)
+            size_bytes = self.backend.write_state(req.save_dir, SlotState(spec, arrays))
         for address in req.engine_addresses:
             self._engine_peer(address).call(EngineLoadAdapterReq(adapter_id=req.adapter_id, lora=spec,
                                                                  tensors=arrays))
         return TrainerPushAdapterResp(size_bytes=size_bytes)
 
     def handle_TrainerSaveStateReq(self, req: TrainerSaveStateReq) -> TrainerSaveStateResp:
-        """Rank 0 writes the checkpoint; DP ranks hold the same state and write nothing."""
-        if self.rank != 0:
-            return TrainerSaveStateResp(size_bytes=0)
+        """Collective: the exporting rank writes the checkpoint, the others answer size 0."""
         return TrainerSaveStateResp(size_bytes=self.backend.save_state(req.slot, req.directory,
                                                                        req.with_optimizer))
 

@@ -16,7 +16,7 @@ import torch
 from actors.engine.adapters import AdapterSlotsBusy, UnknownAdapterError
 from actors.engine.backend import TorchEngineBackend
 from actors.engine.prompt_scores import TOPK_SENTINEL_LOGPROB
-from actors.lora import PEFT_PREFIX, module_kind, save_peft_adapter, trains_kind
+from actors.peft import PEFT_PREFIX, module_kind, target_module_names, trains_kind, write_peft_adapter
 from actors.model_loading import load_causal_lm
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig
 from cluster.messages import EngineSampleReq, LoraSpec, SamplingParams
@@ -278,8 +278,7 @@ def test_adapter_output_matches_weights_merged_into_the_base(backend, reference,
     assert expected != _reference_greedy(reference, prompt, 10), "the adapter should change the output"
 
     backend.load_adapter("pushed", spec, tensors)
-    save_peft_adapter(tmp_path, {k: torch.from_numpy(v) for k, v in tensors.items()}, spec,
-                      backend.slots.target_module_names(spec), "tiny")
+    write_peft_adapter(tmp_path, tensors, spec, target_module_names(spec, backend.slots.modules), "tiny")
     backend.load_adapter_from_disk("from-disk", str(tmp_path))
     for adapter_id in ("pushed", "from-disk"):
         (result,) = backend.generate([_request(prompt, adapter_id, max_tokens=10)])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.lora import BASE_SLOT, PEFT_PREFIX, LoraSlots
+from actors.lora import BASE_SLOT, LoraSlots
+from actors.peft import PEFT_PREFIX, target_module_names
 from actors.model_loading import load_causal_lm
 from actors.trainer.optim import SlotAdamW
 from cluster.messages import AdamParams, LoraSpec
@@ -116,7 +117,7 @@ def test_invalid_specs_are_rejected(lora, spec, message):
 def test_module_switches_select_modules(lora, switches, expected):
     spec = LoraSpec(rank=4, seed=1, **switches)
     lora.init_slot(1, spec)
-    assert set(lora.target_module_names(spec)) == expected
+    assert set(target_module_names(spec, lora.modules)) == expected
     # PEFT key: base_model.model.<path>.<leaf>.lora_{A,B}.weight
     exported = {k.split(".")[-3] for k in lora.export_slot(1)}
     assert exported == expected

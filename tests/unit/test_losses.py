@@ -311,7 +311,7 @@ def test_gspo_rejects_top_k_targets():
 def test_gspo_through_the_backend_uses_datum_boundaries(builtin_model_dir):
     """The backend hands compute_loss the batch's lengths: its gradient equals cross_entropy's
     with weights sg(s_i) * A_t, s_i computed per datum from the returned logprobs."""
-    from actors.trainer.backend import TorchTrainerBackend
+    from actors.trainer.torch_backend import TorchTrainerBackend
     from cluster.config import ClusterConfig, ModelConfig, TrainerConfig
     from cluster.messages import DatumBatch, LoraSpec
 

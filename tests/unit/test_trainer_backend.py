@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from actors.trainer.backend import TorchTrainerBackend
+from actors.trainer.torch_backend import TorchTrainerBackend
 from cluster.config import ClusterConfig, ModelConfig, TrainerConfig
 from cluster.messages import AdamParams, DatumBatch, LoraSpec
 from tests.numerics import assert_close_at_scale
@@ -53,7 +53,8 @@ def _batch(datums: list[dict[str, np.ndarray]]) -> DatumBatch:
 
 def _nudge_adapter(backend: TorchTrainerBackend, slot: int) -> None:
     """A fresh adapter has B = 0 (output = base); give it nonzero B so the slot matters."""
-    spec, tensors = backend.export_adapter(slot)
+    spec, arrays = backend.export_adapter(slot)
+    tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
     gen = torch.Generator().manual_seed(7)
     for name, t in tensors.items():
         if "lora_B" in name:
@@ -211,7 +212,7 @@ def _train(backend: TorchTrainerBackend, batch: DatumBatch) -> tuple[list[float]
     for _ in range(DP_STEPS):
         losses.append(backend.forward_backward(SLOT, "cross_entropy", {}, False, batch).metrics["loss:sum"])
         backend.optim_step(SLOT, ADAM)
-    return losses, backend.export_adapter(SLOT)[1]
+    return losses, backend.slots.export_slot(SLOT)  # this rank's own copy (export_adapter is rank 0's)
 
 
 def _dp_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str) -> None:
@@ -222,7 +223,9 @@ def _dp_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        backend = TorchTrainerBackend(_config(model_dir), rank, world_size, local_world_size=world_size)
+        config = _config(model_dir)
+        config.trainer.ranks = world_size
+        backend = TorchTrainerBackend(config, rank, world_size, local_world_size=world_size)
         per_rank = len(DP_LENGTHS) // world_size
         shard = _batch(_datums(DP_LENGTHS)).select(rank * per_rank, (rank + 1) * per_rank)
         losses, adapter = _train(backend, shard)

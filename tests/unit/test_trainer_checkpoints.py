@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.trainer.backend import OPTIMIZER_FILE, TorchTrainerBackend
+from actors.trainer.checkpoint_files import OPTIMIZER_FILE
+from actors.trainer.torch_backend import TorchTrainerBackend
 from cluster.config import ClusterConfig, ModelConfig, TrainerConfig
 from cluster.messages import AdamParams, DatumBatch, LoraSpec
 
@@ -213,7 +214,7 @@ def test_save_errors_and_out_of_range_slots(trained, tmp_path):
 
 
 def test_save_is_atomic_and_replaces_an_old_checkpoint(builtin_model_dir, tmp_path, monkeypatch):
-    import actors.trainer.backend as backend_module
+    import actors.trainer.checkpoint_files as checkpoint_files
 
     backend = TorchTrainerBackend(_config(builtin_model_dir))
     backend.create_adapter(1, SPEC)
@@ -229,7 +230,7 @@ def test_save_is_atomic_and_replaces_an_old_checkpoint(builtin_model_dir, tmp_pa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(backend_module, "save_file", crash)  # the optimizer file fails to write
+    monkeypatch.setattr(checkpoint_files, "save_file", crash)  # the optimizer file fails to write
     with pytest.raises(OSError, match="disk full"):
         backend.save_state(1, directory)
     assert (directory / "adapter_model.safetensors").read_bytes() == first  # the old one is intact
@@ -242,7 +243,7 @@ def test_save_is_atomic_and_replaces_an_old_checkpoint(builtin_model_dir, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_worker_handlers_only_rank_zero_writes(trained, tmp_path):
+def test_worker_handlers_only_rank_zero_writes(trained, tmp_path, monkeypatch):
     from actors.trainer.main import TrainerWorker
     from cluster.config import ControllerConfig
     from cluster.messages import TrainerLoadStateReq, TrainerLoadStateResp, TrainerSaveStateReq
@@ -251,6 +252,7 @@ def test_worker_handlers_only_rank_zero_writes(trained, tmp_path):
     config.controller = ControllerConfig(worker_address=f"tcp://127.0.0.1:{_free_port()}")
     for rank in (1, 0):
         worker = TrainerWorker(config, rank=rank, world_size=1)
+        monkeypatch.setattr(trained["backend"], "rank", rank)  # the backend decides who exports
         worker.backend = trained["backend"]
         try:
             directory = tmp_path / f"saved-by-{rank}"
@@ -282,7 +284,7 @@ def test_a_load_another_dp_rank_rejects_changes_nothing(trained, monkeypatch):
     """Rank 0 reads a good checkpoint, but another rank could not (say the directory is
     not visible on its node): rank 0 must refuse too, before touching the slot. (The
     all-reduce itself is exercised for real by the DP test of forward_backward.)"""
-    import actors.trainer.backend as backend_module
+    import actors.trainer.interface as interface
 
     backend = trained["backend"]
     backend.create_adapter(2, OTHER_SPEC)
@@ -294,8 +296,8 @@ def test_a_load_another_dp_rank_rejects_changes_nothing(trained, monkeypatch):
         flag.fill_(1)
 
     monkeypatch.setattr(backend, "world_size", 2)
-    monkeypatch.setattr(backend_module.dist, "all_reduce", all_reduce_with_a_rejecting_peer)
-    with pytest.raises(ValueError, match="another data-parallel rank rejected checkpoint"):
+    monkeypatch.setattr(interface.dist, "all_reduce", all_reduce_with_a_rejecting_peer)
+    with pytest.raises(ValueError, match="another trainer rank rejected checkpoint"):
         backend.load_state(2, trained["with_opt"], with_optimizer=True)
     assert reduced == [0]  # this rank itself found nothing wrong
     assert backend.slots.specs[2] == OTHER_SPEC

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import zmq
 
-from actors.lora import load_peft_adapter
+from actors.peft import read_peft_adapter
 from cluster.config import ClusterConfig, ControllerConfig, ModelConfig, TrainerConfig
 from cluster.messages import (
-    AdamParams, DatumBatch, EngineLoadAdapterReq, EngineLoadAdapterResp, ErrorResp, LoraSpec,
+    AdamParams, DatumBatch, EngineLoadAdapterReq, EngineLoadAdapterResp, ErrorResp, LoraSpec, RankCoords,
     ShutdownEvent, TrainerCreateAdapterReq, TrainerCreateAdapterResp, TrainerForwardBackwardReq,
     TrainerOptimStepReq, TrainerPushAdapterReq, WorkerFailedEvent, WorkerReadyEvent,
 )
@@ -35,11 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _write_config(tmp_path, model_path: str) -> tuple[str, str]:
+def _write_config(tmp_path, model_path: str, ranks: int = 1) -> tuple[str, str]:
     address = f"tcp://127.0.0.1:{_free_port()}"
     config = ClusterConfig(state_dir=str(tmp_path), model=ModelConfig(path=model_path, name="tiny"),
                            controller=ControllerConfig(worker_address=address),
-                           trainer=TrainerConfig(max_adapters=2, max_lora_rank=8))
+                           trainer=TrainerConfig(ranks=ranks, max_adapters=2, max_lora_rank=8))
     path = tmp_path / "cluster.json"
     config.save(path)
     return str(path), address
@@ -128,11 +128,11 @@ def test_single_rank_serves_requests_and_pushes_adapters(builtin_model_dir, tmp_
         _, pushed = _recv(router)
         assert pushed.call_id == push.call_id and pushed.size_bytes > 0
 
-        saved_spec, saved = load_peft_adapter(tmp_path / "sampler")
+        saved_spec, saved = read_peft_adapter(tmp_path / "sampler")
         assert saved_spec.rank == 4 and set(saved) == set(load.tensors)
         for name, array in load.tensors.items():
             assert array.dtype == np.float32
-            np.testing.assert_array_equal(saved[name].numpy(), array)
+            np.testing.assert_array_equal(saved[name], array)
 
         router.send(ShutdownEvent(), me)
         assert proc.wait(timeout=30) == 0
@@ -155,12 +155,13 @@ def test_failed_start_is_reported_before_exit(tmp_path, zmq_ctx):
 
 
 def test_torchrun_ranks_train_in_lockstep(builtin_model_dir, tmp_path, zmq_ctx):
-    config_path, address = _write_config(tmp_path, str(builtin_model_dir))
+    config_path, address = _write_config(tmp_path, str(builtin_model_dir), ranks=2)
     router = BlockingPeer(zmq_ctx, zmq.ROUTER, address, bind=True)
     proc = _launch(config_path, ranks=2)
     try:
         ready = _wait_ready(router, 2)
         assert {r.world_size for r in ready.values()} == {2}
+        assert {rank: r.coords for rank, r in ready.items()} == {0: RankCoords(dp=0), 1: RankCoords(dp=1)}
         ranks = [b"trainer-0", b"trainer-1"]
         # fan out like the controller: send to every rank, then collect every reply
         batch = _batch([4, 6, 2, 5])
@@ -174,7 +175,7 @@ def test_torchrun_ranks_train_in_lockstep(builtin_model_dir, tmp_path, zmq_ctx):
                                                                      batch=batch.select(0, 2)),
                                            TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=bad)])
         assert all(isinstance(r, ErrorResp) and r.status == 400 for r in refused), refused
-        assert "token ids" in refused[1].detail and "another data-parallel rank" in refused[0].detail
+        assert "token ids" in refused[1].detail and "another trainer rank" in refused[0].detail
 
         shards = [TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=batch.select(2 * r, 2 * r + 2))
                   for r in range(2)]

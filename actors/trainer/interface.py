@@ -1,0 +1,150 @@
+"""The trainer backend interface: what a trainer rank's model must do, whatever runs it.
+
+A backend (picked by name, cluster/backends.py) is constructed once per rank as
+`Backend(config, rank, world_size, local_world_size)`, after torch.distributed is
+initialized when world_size > 1. Every method is called on every rank with the same
+arguments, except `forward_backward`, whose batch is the rank's DP group's shard. Only
+numpy arrays and cluster/messages.py values cross this interface, never torch tensors.
+
+A backend implements adapter slots (slot 0 is the bare base model), forward_backward
+with a Tinker loss, optim_step, and three collectives over its ranks that move a slot's
+state as full PEFT-named arrays (`checkpoint_files.SlotState`):
+- `gather_slot_state(slot, with_optimizer)` returns the whole state on global rank 0 and
+  None elsewhere (every TP shard and pipeline stage contributes its part);
+- `scatter_slot_state(slot, state)` installs it, each rank keeping its own part;
+- `module_shapes()` and `validate_spec(spec)` say what adapters this model can hold.
+
+From those this base class builds the parts every backend shares: exporting an adapter,
+checkpoint writing and reading (actors/trainer/checkpoint_files.py), and making every
+rank agree before any of them changes state.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from actors.peft import expected_lora_shapes, target_module_names
+from actors.trainer.checkpoint_files import SlotState, read_training_state, write_training_state
+from cluster.config import ClusterConfig
+from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec, RankCoords
+from cluster.parallel import ParallelDims
+
+
+class TrainerBackend(abc.ABC):
+    def __init__(self, config: ClusterConfig, rank: int = 0, world_size: int = 1,
+                 local_world_size: int | None = None):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.local_world_size = local_world_size or world_size
+        self.dims: ParallelDims = config.trainer.parallel_dims()
+        if self.dims.world_size != world_size:
+            raise ValueError(f"the layout {self.dims.describe()} needs {self.dims.world_size} ranks, "
+                             f"but this world has {world_size}")
+        self.coords: RankCoords = self.dims.coords(rank)
+
+    # -- what a backend implements ---------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def device(self) -> torch.device: ...
+
+    @abc.abstractmethod
+    def info(self) -> dict:
+        """vocab_size, num_slots, max_lora_rank (what the controller and API need to know)."""
+
+    @abc.abstractmethod
+    def create_adapter(self, slot: int, spec: LoraSpec) -> None:
+        """A fresh adapter in `slot`, initialised from spec.seed identically on every rank and layout."""
+
+    @abc.abstractmethod
+    def drop_adapter(self, slot: int) -> None: ...
+
+    @abc.abstractmethod
+    def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
+                         forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
+        """Per-token target logprobs and loss of this DP shard; unless forward_only, add the
+        gradient of the shard's summed loss to the slot's gradients. The result is
+        meaningful on the DP group's reporting rank (ParallelDims.reporting_rank)."""
+
+    @abc.abstractmethod
+    def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
+        """Sum the slot's gradients over DP, clip by the global norm, AdamW; metrics on every rank."""
+
+    @abc.abstractmethod
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """HF module path -> full (in_features, out_features) of every LoRA-targetable
+        module, in the HF model's order (whatever shards this rank holds)."""
+
+    @abc.abstractmethod
+    def validate_spec(self, spec: LoraSpec) -> None:
+        """ValueError for a LoraSpec this backend cannot hold (rank too large, nothing trained)."""
+
+    @abc.abstractmethod
+    def gather_slot_state(self, slot: int, with_optimizer: bool) -> SlotState | None:
+        """Collective: the slot's whole state on EXPORTING_RANK, None on every other rank."""
+
+    @abc.abstractmethod
+    def scatter_slot_state(self, slot: int, state: SlotState) -> None:
+        """Collective: install a checked state (every rank holds the whole of it) into `slot`."""
+
+    @abc.abstractmethod
+    def check_slot_index(self, slot: int) -> None: ...
+
+    # -- shared by every backend -----------------------------------------------------
+
+    def adapter_shapes(self, spec: LoraSpec) -> dict[str, tuple[int, int]]:
+        """Full PEFT name -> shape for an adapter of `spec`; ValueError for a spec this model cannot hold."""
+        self.validate_spec(spec)
+        return expected_lora_shapes(spec, self.module_shapes())
+
+    def export_adapter(self, slot: int) -> tuple[LoraSpec, dict[str, np.ndarray]] | None:
+        """Collective: the slot's spec and full PEFT tensors (float32) on EXPORTING_RANK, else None."""
+        state = self.gather_slot_state(slot, with_optimizer=False)
+        return None if state is None else (state.spec, state.tensors)
+
+    def save_state(self, slot: int, directory: str | os.PathLike, with_optimizer: bool = True) -> int:
+        """Collective: EXPORTING_RANK writes the slot's checkpoint (checkpoint_files.py) and
+        returns its size in bytes; the other ranks return 0."""
+        state = self.gather_slot_state(slot, with_optimizer)
+        return 0 if state is None else self.write_state(directory, state)
+
+    def write_state(self, directory: str | os.PathLike, state: SlotState) -> int:
+        """Write a gathered state as a checkpoint directory (atomically); return its size in bytes."""
+        targets = target_module_names(state.spec, self.module_shapes())
+        return write_training_state(directory, state, targets, self.config.model.name)
+
+    def load_state(self, slot: int, directory: str | os.PathLike, with_optimizer: bool,
+                   seed: int | None = None) -> LoraSpec:
+        """Collective: load a checkpoint (or any PEFT adapter of this model's layout) into
+        `slot`; return its spec (rank, alpha and targets come from the checkpoint). Without
+        the optimizer the slot gets fresh Adam state. Every rank reads and checks the files
+        and the ranks agree before any of them touches the slot: on error nothing changes."""
+        try:
+            self.check_slot_index(slot)
+            state = read_training_state(directory, with_optimizer, self.adapter_shapes)
+            state.spec = dataclasses.replace(state.spec, seed=seed)
+            rejection = None
+        except ValueError as exc:
+            rejection = exc
+        self.agree_on_validation(rejection, what=f"checkpoint {directory}")
+        self.scatter_slot_state(slot, state)
+        return state.spec
+
+    def agree_on_validation(self, rejection: ValueError | None, what: str = "its shard of this batch") -> None:
+        """Ranks check different shards (or read the same files); if any rank rejects, every
+        rank must reject the request, or the others would keep the effects of a request
+        that failed."""
+        if self.world_size > 1:
+            flag = torch.tensor([0 if rejection is None else 1], dtype=torch.int32, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if rejection is None and int(flag.item()):
+                raise ValueError(f"another trainer rank rejected {what} (its reply names the problem)")
+        if rejection is not None:
+            raise rejection

@@ -1,0 +1,205 @@
+"""The torch trainer backend: a transformers model, batched multi-LoRA slots, AdamW per slot.
+
+One whole model per rank (actors/trainer/interface.py is the interface it implements),
+so it runs data parallel only (tp = pp = 1). Slot 0 is the bare base model and is
+never assigned.
+
+Data parallelism: every DP rank holds the same weights and gets a shard of the datums.
+Tinker losses are sums over tokens and datums, so the full batch's gradient is the
+SUM of the shards' gradients: `optim_step` all-reduces (SUM) the slot's gradients and
+then every rank runs the identical clip + AdamW step, so weights stay identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from actors.lora import LoraSlots
+from actors.model_loading import load_causal_lm
+from actors.peft import lora_tensor_names, module_kind, trains_kind
+from actors.trainer.batch_checks import checked_loss_inputs
+from actors.trainer.checkpoint_files import MOMENTS, SlotState
+from actors.trainer.interface import TrainerBackend
+from actors.trainer.losses import compute_loss
+from actors.trainer.optim import SlotAdamW, validate_adam_params
+from cluster.config import ClusterConfig
+from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec
+from cluster.parallel import EXPORTING_RANK
+
+log = logging.getLogger(__name__)
+
+
+class TorchTrainerBackend(TrainerBackend):
+    def __init__(self, config: ClusterConfig, rank: int = 0, world_size: int = 1,
+                 local_world_size: int | None = None):
+        super().__init__(config, rank, world_size, local_world_size)
+        if self.dims.tp != 1 or self.dims.pp != 1:
+            raise ValueError(f"the torch trainer backend runs data parallel only, not {self.dims.describe()}; "
+                             "tensor and pipeline parallelism need --trainer-backend megatron")
+        if config.trainer.device == "cpu":
+            # ranks sharing a machine share its cores; oversubscription slows everyone
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
+        self.model = load_causal_lm(config.model.path, config.trainer.dtype, config.trainer.device)
+        self._device = next(self.model.parameters()).device
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.max_context = config.model.max_context
+        self.slots = LoraSlots(self.model, config.trainer.max_adapters + 1, config.trainer.max_lora_rank)
+        named = {f"{path}.{kind}": getattr(module, kind)
+                 for path, module in self.slots.modules.items() for kind in ("lora_A", "lora_B")}
+        self.optimizer = SlotAdamW(named, self.slots.num_slots)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_slots(self) -> int:
+        return self.slots.num_slots
+
+    def info(self) -> dict:
+        return {"vocab_size": self.vocab_size, "num_slots": self.num_slots,
+                "max_lora_rank": self.slots.max_rank}
+
+    # -- adapter slots -------------------------------------------------------------------
+
+    def create_adapter(self, slot: int, spec: LoraSpec) -> None:
+        """Fresh adapter in `slot` (init from spec.seed, so every DP rank inits identically)."""
+        self.check_slot_index(slot)
+        self.slots.init_slot(slot, spec)
+        self.optimizer.reset_slot(slot)
+
+    def drop_adapter(self, slot: int) -> None:
+        self.check_slot_index(slot)
+        self.slots.clear_slot(slot)
+        self.optimizer.reset_slot(slot)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.slots.module_shapes()
+
+    def validate_spec(self, spec: LoraSpec) -> None:
+        self.slots.validate(spec)
+
+    def gather_slot_state(self, slot: int, with_optimizer: bool) -> SlotState | None:
+        """DP ranks hold the same state, so the exporting rank has all of it already."""
+        self._check_adapter(slot)
+        if self.rank != EXPORTING_RANK:
+            return None
+        spec = self.slots.specs[slot]
+        tensors = {name: _to_numpy_f32(t) for name, t in self.slots.export_slot(slot).items()}
+        if not with_optimizer:
+            return SlotState(spec, tensors)
+        moments = {}
+        for name, (param, index) in self._peft_param_slices(spec, slot).items():
+            for moment in MOMENTS:
+                moments[f"{name}.{moment}"] = _to_numpy_f32(getattr(self.optimizer, moment)[param][index])
+        return SlotState(spec, tensors, moments, self.optimizer.steps[slot])
+
+    @torch.no_grad()
+    def scatter_slot_state(self, slot: int, state: SlotState) -> None:
+        tensors = {name: torch.from_numpy(np.array(value)) for name, value in state.tensors.items()}
+        self.slots.load_slot(slot, state.spec, tensors)
+        self.optimizer.reset_slot(slot)
+        if state.moments is None:
+            return
+        for name, (param, index) in self._peft_param_slices(state.spec, slot).items():
+            for moment in MOMENTS:
+                target = getattr(self.optimizer, moment)[param][index]
+                target.copy_(torch.from_numpy(np.array(state.moments[f"{name}.{moment}"])).to(target.dtype))
+        self.optimizer.steps[slot] = state.step
+
+    def _peft_param_slices(self, spec: LoraSpec, slot: int) -> dict[str, tuple[str, tuple]]:
+        """PEFT tensor name -> (optimizer param name, index of the slot's part at spec.rank)."""
+        out = {}
+        for path in self.slots.modules:
+            if trains_kind(spec, module_kind(path)):
+                a_name, b_name = lora_tensor_names(path)
+                out[a_name] = (f"{path}.lora_A", (slot, slice(0, spec.rank)))
+                out[b_name] = (f"{path}.lora_B", (slot, slice(None), slice(0, spec.rank)))
+        return out
+
+    def check_slot_index(self, slot: int) -> None:
+        if not 0 < slot < self.num_slots:
+            raise ValueError(f"adapter slot {slot} out of range 1..{self.num_slots - 1}")
+
+    def _check_adapter(self, slot: int) -> None:
+        self.check_slot_index(slot)
+        if slot not in self.slots.specs:
+            raise ValueError(f"adapter slot {slot} holds no adapter")
+
+    # -- training ------------------------------------------------------------------------
+
+    def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
+                         forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
+        """Per-datum target logprobs and loss; unless forward_only, add the loss's gradient
+        (of the sum over this shard) to the slot's gradients."""
+        try:
+            self._check_adapter(slot)
+            targets, inputs = checked_loss_inputs(loss_fn, loss_fn_config, batch, self.vocab_size,
+                                                  self.max_context, self.device)
+            rejection = None
+        except ValueError as exc:
+            rejection = exc
+        self.agree_on_validation(rejection)
+        with torch.set_grad_enabled(not forward_only):
+            if batch.num_datums == 0:
+                target_logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=self.device)
+            else:
+                target_logprobs = self._target_logprobs(slot, batch, targets)
+            lengths = torch.tensor(np.asarray(batch.lengths), dtype=torch.int64, device=self.device)
+            elementwise, metrics = compute_loss(loss_fn, target_logprobs, inputs, loss_fn_config, lengths)
+            if not forward_only and batch.num_datums > 0:
+                elementwise.sum().backward()
+        return ForwardBackwardResult(
+            lengths=np.asarray(batch.lengths, dtype=np.int64).copy(),
+            logprobs=_to_numpy_f32(target_logprobs),
+            elementwise_loss=_to_numpy_f32(elementwise),
+            metrics=metrics,
+        )
+
+    def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
+        self._check_adapter(slot)
+        validate_adam_params(adam)  # before the all-reduce: a rejected step must leave grads as they were
+        if self.world_size > 1:
+            self._all_reduce_grads(slot)
+        return self.optimizer.step(slot, adam)
+
+    @torch.no_grad()
+    def _all_reduce_grads(self, slot: int) -> None:
+        """Sum the slot's gradients over all DP ranks, in one collective."""
+        grads = self.optimizer.slot_grads(slot)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _target_logprobs(self, slot: int, batch: DatumBatch, targets: torch.Tensor) -> torch.Tensor:
+        """logp(target) at every real position, in float32: `[T]` or `[T, K]` like targets.
+
+        Datums are right-padded into one batch; causal attention means a real token never
+        sees the padding after it, so results equal running each datum alone.
+        """
+        lengths = torch.tensor(np.asarray(batch.lengths), dtype=torch.int64, device=self.device)
+        tokens = torch.tensor(np.asarray(batch.tokens), dtype=torch.int64, device=self.device)
+        width = int(lengths.max())
+        real = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+        input_ids = torch.zeros(real.shape, dtype=torch.int64, device=self.device)
+        input_ids[real] = tokens
+        with self.slots.use(slot):
+            logits = self.model(input_ids=input_ids, attention_mask=real.long(), use_cache=False).logits
+        logprobs = logits[real].float().log_softmax(dim=-1)  # [T, V], datum-major like `tokens`
+        if targets.dim() == 1:
+            return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        return logprobs.gather(1, targets)
+
+
+
+def _to_numpy_f32(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 copy (never a view of live parameters or moments)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()

@@ -1,0 +1,154 @@
+"""The controller's side of the worker sockets: nothing waits forever.
+
+Real ZMQ sockets on loopback. The test plays the trainer ranks (a DEALER per rank, as
+test_trainer_worker plays the controller): that is what lets it send frames no real rank
+would send, and stay silent where a real rank would be stuck in a collective.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from actors.controller.workers import WorkerFailure, WorkerPool
+from cluster.codec import encode
+from cluster.messages import (
+    DatumBatch, ErrorResp, RankCoords, TrainerDropAdapterReq, TrainerDropAdapterResp, TrainerForwardBackwardReq,
+    TrainerForwardBackwardResp, ForwardBackwardResult, WorkerReadyEvent,
+)
+from cluster.parallel import ParallelDims
+from cluster.transport import AsyncPeer, BlockingPeer, RemoteError
+
+
+def _address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _request_with_arrays() -> TrainerForwardBackwardReq:
+    batch = DatumBatch(tokens=np.arange(4), lengths=np.array([4]), loss_inputs={"target_tokens": np.arange(4)})
+    return TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=batch)
+
+
+def _without_its_arrays(msg) -> list:
+    """A message whose array frames got lost: its header still decodes, the message does not."""
+    return encode(msg)[:1]
+
+
+def test_undecodable_requests_and_replies_fail_their_calls():
+    address = _address()
+
+    def worker(ctx: zmq.Context):
+        peer = BlockingPeer(ctx, zmq.DEALER, address, bind=False, identity=b"w")
+        peer.send(WorkerReadyEvent(role="trainer", rank=0, world_size=1))
+        got = peer.recv(timeout_ms=10_000)  # the broken request is answered inside recv; this is the next one
+        _, req = got
+        reply = TrainerForwardBackwardResp(result=ForwardBackwardResult(
+            lengths=np.array([1]), logprobs=np.zeros(1, np.float32), elementwise_loss=np.zeros(1, np.float32)))
+        reply.call_id = req.call_id
+        peer.sock.send_multipart(_without_its_arrays(reply))
+        peer.recv(timeout_ms=200)  # let the last frames leave before closing
+        peer.close()
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        unsolicited: asyncio.Queue = asyncio.Queue()  # what arrives without a call waiting for it
+        router = AsyncPeer(ctx, zmq.ROUTER, address, bind=True)
+        router.start(lambda peer, msg: unsolicited.put_nowait((peer, msg)))
+        thread = threading.Thread(target=worker, args=(zmq.Context.instance(),))
+        thread.start()
+        identity, hello = await asyncio.wait_for(unsolicited.get(), 10)
+        assert isinstance(hello, WorkerReadyEvent)
+
+        broken = _request_with_arrays()
+        broken.call_id = 777
+        router.sock.send_multipart([identity, *_without_its_arrays(broken)])
+        _, answer = await asyncio.wait_for(unsolicited.get(), 10)
+        assert isinstance(answer, ErrorResp) and answer.call_id == 777 and answer.status == 400
+        assert "undecodable TrainerForwardBackwardReq" in answer.detail
+
+        with pytest.raises(RemoteError) as caught:
+            await router.call(identity, TrainerDropAdapterReq(slot=1), timeout=10)
+        assert caught.value.status == 502 and "undecodable TrainerForwardBackwardResp reply" in caught.value.detail
+        await asyncio.to_thread(thread.join, 10)
+        router.close()
+        ctx.term()
+
+    asyncio.run(scenario())
+
+
+def _silent_ranks(address: str, dims: ParallelDims, answering: set[int], stop: threading.Event,
+                  coords_of=None):
+    """Trainer ranks that say hello; the ones in `answering` answer drops, the rest never answer."""
+    def rank(r: int):
+        peer = BlockingPeer(zmq.Context.instance(), zmq.DEALER, address, bind=False, identity=f"trainer-{r}".encode())
+        coords = coords_of(r) if coords_of else dims.coords(r)
+        peer.send(WorkerReadyEvent(role="trainer", rank=r, world_size=dims.world_size, coords=coords))
+        while not stop.is_set():
+            got = peer.recv(timeout_ms=50)
+            if got is not None and r in answering:
+                peer.reply(got[1], TrainerDropAdapterResp())
+        peer.close()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(dims.world_size)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_a_rank_that_never_answers_fails_the_step_and_poisons_the_pool():
+    address, dims, stop = _address(), ParallelDims(dp=1, tp=2, pp=1), threading.Event()
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        pool = WorkerPool(ctx, address, dims, engines=0, trainer_timeout_s=0.5)
+        pool.start()
+        threads = _silent_ranks(address, dims, answering={0}, stop=stop)
+        try:
+            await asyncio.wait_for(pool.ready.wait(), 10)
+            with pytest.raises(WorkerFailure, match=r"trainer rank\(s\) \[1\] did not answer TrainerDropAdapterReq "
+                                                   r"within 0.5 s"):
+                await pool.trainer_broadcast(lambda: TrainerDropAdapterReq(slot=1))
+            with pytest.raises(WorkerFailure, match="did not answer"):  # fails fast from now on
+                await asyncio.wait_for(pool.trainer_broadcast(lambda: TrainerDropAdapterReq(slot=1)), 0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                await asyncio.to_thread(t.join, 10)
+            pool.peer.close()
+            ctx.term()
+
+    asyncio.run(scenario())
+
+
+def test_a_rank_whose_coordinates_disagree_with_the_layout_is_refused():
+    address, dims, stop = _address(), ParallelDims(dp=2, tp=1, pp=1), threading.Event()
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        pool = WorkerPool(ctx, address, dims, engines=0)
+        pool.start()
+        threads = _silent_ranks(address, dims, answering={0, 1}, stop=stop,
+                                coords_of=lambda r: RankCoords(dp=0, tp=r))
+        try:
+            for _ in range(100):
+                if pool.failure:
+                    break
+                await asyncio.sleep(0.05)
+            assert "trainer 1 reports coordinates" in pool.failure and "dp=2 tp=1 pp=1" in pool.failure
+            assert not pool.ready.is_set()
+        finally:
+            stop.set()
+            for t in threads:
+                await asyncio.to_thread(t.join, 10)
+            pool.peer.close()
+            ctx.term()
+
+    asyncio.run(scenario())

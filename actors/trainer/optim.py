@@ -67,10 +67,15 @@ class SlotAdamW:
         return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     @torch.no_grad()
-    def step(self, slot: int, adam: AdamParams) -> dict[str, float]:
-        """Apply one AdamW step to slot `slot` from its accumulated gradients, then clear them."""
+    def step(self, slot: int, adam: AdamParams, grad_norm: float | None = None) -> dict[str, float]:
+        """Apply one AdamW step to slot `slot` from its accumulated gradients, then clear them.
+
+        `grad_norm` is the norm of the slot's whole gradient when these parameters are only
+        part of it (shards of a model split over ranks); by default it is theirs.
+        """
         validate_adam_params(adam)
-        grad_norm = self.grad_norm(slot)
+        if grad_norm is None:
+            grad_norm = self.grad_norm(slot)
         if adam.grad_clip_norm > 0:
             clip_coef = adam.grad_clip_norm / (grad_norm + _CLIP_EPS)
             if clip_coef < 1.0:

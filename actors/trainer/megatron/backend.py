@@ -1,0 +1,261 @@
+"""The Megatron trainer backend: megatron-core's GPTModel split over tensor and pipeline ranks.
+
+Each rank holds its TP shard of its pipeline stage (model.py, weights.py), with
+multi-LoRA slot tensors on the parallel linears (lora.py) and AdamW per slot over this
+rank's part of them (actors/trainer/optim.py, the torch backend's optimizer). The
+interface is actors/trainer/interface.py; every method is a collective over the ranks.
+
+- forward_backward runs the DP shard through megatron-core's schedule (passes.py); the
+  loss and logprobs are known on the last stage, whose TP rank 0 reports them.
+- optim_step sums gradients over the DP group, takes the norm of the whole gradient
+  (TP-sharded tensors summed over TP, every stage's summed over PP), clips by it and
+  steps: every rank of a layout ends with the same step as one whole model would take.
+- A slot's state leaves and enters as full PEFT-named arrays, independent of TP/PP:
+  gathered over TP in each stage, then over PP onto EXPORTING_RANK; loaded by every rank
+  from the full arrays, each keeping its shard. So checkpoints match the torch
+  backend's byte layout and load into it, and the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from transformers import AutoConfig
+
+from actors.model_loading import DTYPES
+from actors.peft import lora_tensor_names, module_kind, trains_kind
+from actors.trainer.batch_checks import checked_loss_inputs
+from actors.trainer.checkpoint_files import MOMENTS, SlotState
+from actors.trainer.interface import TrainerBackend
+from actors.trainer.megatron.cpu_shims import apply_cpu_shims
+from actors.trainer.megatron.lora import wrap_gpt_model
+from actors.trainer.megatron.model import build_gpt_model, check_supported_config, init_model_parallel
+from actors.trainer.megatron.passes import microbatches, run_pass
+from actors.trainer.megatron.weights import load_hf_state_dict, read_hf_weights
+from actors.trainer.optim import SlotAdamW, validate_adam_params
+from cluster.config import ClusterConfig
+from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec
+from cluster.parallel import EXPORTING_RANK
+
+log = logging.getLogger(__name__)
+KINDS = ("lora_A", "lora_B")
+
+
+class MegatronTrainerBackend(TrainerBackend):
+    def __init__(self, config: ClusterConfig, rank: int = 0, world_size: int = 1,
+                 local_world_size: int | None = None):
+        super().__init__(config, rank, world_size, local_world_size)
+        trainer = config.trainer
+        self._device = torch.device(trainer.device if trainer.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
+        if self._device.type == "cpu":
+            apply_cpu_shims()
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
+        if not dist.is_initialized():  # a lone rank: megatron-core still wants a process group
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        init_model_parallel(self.dims.tp, self.dims.pp)
+        self._check_megatron_agrees_on_coords()
+        hf_config = AutoConfig.from_pretrained(config.model.path)
+        check_supported_config(hf_config, self.dims.tp, self.dims.pp)
+        self.vocab_size = int(hf_config.vocab_size)
+        self.max_context = config.model.max_context
+        self.model = build_gpt_model(hf_config, DTYPES[trainer.dtype], self._device)
+        load_hf_state_dict(self.model, read_hf_weights(_model_dir(config.model.path)), hf_config)
+        self.model.config.calculate_per_token_loss = True  # the schedule must not average Tinker's summed losses
+        self.model.eval()  # no dropout anywhere (model.py sets it to 0 too)
+        self.slots = wrap_gpt_model(self.model, trainer.max_adapters + 1, trainer.max_lora_rank,
+                                    lambda local: self.model.decoder.layers[local].layer_number - 1, self.vocab_size)
+        self.optimizer = SlotAdamW(self.slots.named_slot_params(), self.slots.num_slots)
+        self._sharded = self.slots.tp_sharded_param_names()
+
+    def _check_megatron_agrees_on_coords(self) -> None:
+        """Our ParallelDims numbering must be megatron-core's, or the controller's shards
+        would go to the wrong groups."""
+        theirs = (parallel_state.get_data_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+                  parallel_state.get_pipeline_model_parallel_rank())
+        ours = (self.coords.dp, self.coords.tp, self.coords.pp)
+        if theirs != ours:
+            raise RuntimeError(f"rank {self.rank}: megatron-core placed it at (dp, tp, pp) = {theirs}, "
+                               f"cluster/parallel.py at {ours}")
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def info(self) -> dict:
+        return {"vocab_size": self.vocab_size, "num_slots": self.slots.num_slots,
+                "max_lora_rank": self.slots.max_rank}
+
+    # -- adapter slots -------------------------------------------------------------------
+
+    def create_adapter(self, slot: int, spec: LoraSpec) -> None:
+        self.check_slot_index(slot)
+        self.slots.init_slot(slot, spec)
+        self.optimizer.reset_slot(slot)
+
+    def drop_adapter(self, slot: int) -> None:
+        self.check_slot_index(slot)
+        self.slots.clear_slot(slot)
+        self.optimizer.reset_slot(slot)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return {m.hf_path: (m.in_features, m.out_features) for m in self.slots.hf_modules}
+
+    def validate_spec(self, spec: LoraSpec) -> None:
+        self.slots.validate(spec)
+
+    def check_slot_index(self, slot: int) -> None:
+        if not 0 < slot < self.slots.num_slots:
+            raise ValueError(f"adapter slot {slot} out of range 1..{self.slots.num_slots - 1}")
+
+    def _check_adapter(self, slot: int) -> None:
+        self.check_slot_index(slot)
+        if slot not in self.slots.specs:
+            raise ValueError(f"adapter slot {slot} holds no adapter")
+
+    def _local_names(self, spec: LoraSpec) -> list[str]:
+        """This stage's slot tensors that an adapter of `spec` uses (`<hf path>.lora_A|B`)."""
+        return [f"{path}.{kind}" for path in self.slots.local_adapters
+                if trains_kind(spec, module_kind(path)) for kind in KINDS]
+
+    @staticmethod
+    def _at_rank(tensor: torch.Tensor, name: str, slot: int, rank: int) -> torch.Tensor:
+        """The slot's `[rank, in]` / `[out, rank]` part of a slot-shaped tensor."""
+        return tensor[slot, :rank] if name.endswith(".lora_A") else tensor[slot, :, :rank]
+
+    def gather_slot_state(self, slot: int, with_optimizer: bool) -> SlotState | None:
+        """Collective: the slot's tensors (and moments) in full on EXPORTING_RANK."""
+        self._check_adapter(slot)
+        spec = self.slots.specs[slot]
+        sources = {"": self.slots.named_slot_params()}
+        if with_optimizer:
+            sources.update({f".{moment}": getattr(self.optimizer, moment) for moment in MOMENTS})
+        merged = self.gather_full_slot(slot, spec, sources)
+        if merged is None:
+            return None
+        tensors = {k: v for k, v in merged.items() if k.endswith(".weight")}
+        moments = {k: v for k, v in merged.items() if not k.endswith(".weight")} if with_optimizer else None
+        return SlotState(spec, tensors, moments, self.optimizer.steps[slot] if with_optimizer else 0)
+
+    def gather_full_slot(self, slot: int, spec: LoraSpec, sources: dict[str, dict[str, torch.Tensor]]
+                         ) -> dict[str, np.ndarray] | None:
+        """Collective: slot `slot`'s part of slot-shaped tensors (parameters, moments,
+        gradients; `sources[suffix][name]`), as full float32 arrays named `<peft name><suffix>`,
+        on EXPORTING_RANK; None elsewhere. TP-gathered within each stage of DP group 0 (the
+        other DP groups hold the same), then PP-gathered."""
+        if self.coords.dp != 0:
+            return None
+        names = self._local_names(spec)
+        stage = {}
+        for suffix, tensors in sources.items():
+            local = {name: self._at_rank(tensors[name], name, slot, spec.rank) for name in names}
+            for name, full in self.slots.gather_full(local).items():
+                stage[_peft_key(name) + suffix] = full.float().cpu().numpy()
+        if self.coords.tp != 0:
+            return None
+        stages = [stage]
+        if self.dims.pp > 1:
+            stages = [None] * self.dims.pp if self.rank == EXPORTING_RANK else None
+            dist.gather_object(stage, stages, dst=EXPORTING_RANK, group=parallel_state.get_pipeline_model_parallel_group())
+        if self.rank != EXPORTING_RANK:
+            return None
+        return {k: v for part in stages for k, v in part.items()}
+
+    @torch.no_grad()
+    def scatter_slot_state(self, slot: int, state: SlotState) -> None:
+        """Every rank has the whole state (it read the files): each keeps its own shards."""
+        self.slots.load_slot(slot, state.spec, {k: torch.from_numpy(np.array(v)) for k, v in state.tensors.items()})
+        self.optimizer.reset_slot(slot)
+        if state.moments is None:
+            return
+        for name in self._local_names(state.spec):
+            for moment in MOMENTS:
+                full = torch.from_numpy(np.array(state.moments[f"{_peft_key(name)}.{moment}"]))
+                target = self._at_rank(getattr(self.optimizer, moment)[name], name, slot, state.spec.rank)
+                target.copy_(self.slots.local_shard(name, full).to(target.dtype))
+        self.optimizer.steps[slot] = state.step
+
+    # -- training ------------------------------------------------------------------------
+
+    def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
+                         forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
+        try:
+            self._check_adapter(slot)
+            targets, inputs = checked_loss_inputs(loss_fn, loss_fn_config, batch, self.vocab_size,
+                                                  self.max_context, self.device)
+            rejection = None
+        except ValueError as exc:
+            rejection = exc
+        self.agree_on_validation(rejection)
+        output = None
+        if batch.num_datums:  # every rank of a DP group has the same shard: all run, or none
+            parts = microbatches(batch, targets, inputs, self.dims.pp, self.device)
+            output = run_pass(self.model, parts, loss_fn, loss_fn_config, forward_only, self.vocab_size,
+                              lambda part: self.slots.use(slot))
+        lengths = np.asarray(batch.lengths, dtype=np.int64).copy()
+        if output is None:  # an empty shard, or a stage before the last: it knows no loss
+            zeros = np.zeros(targets.shape, dtype=np.float32)
+            return ForwardBackwardResult(lengths=lengths, logprobs=zeros, elementwise_loss=zeros.copy(),
+                                         metrics={"loss:sum": 0.0})
+        return ForwardBackwardResult(lengths=lengths, logprobs=_numpy(output.logprobs),
+                                     elementwise_loss=_numpy(output.elementwise_loss), metrics=output.metrics)
+
+    def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
+        self._check_adapter(slot)
+        validate_adam_params(adam)  # before any collective: a rejected step leaves the gradients alone
+        grads = self.optimizer.slot_grads(slot)
+        if self.dims.dp > 1:
+            _all_reduce_sum(grads, parallel_state.get_data_parallel_group())
+        return self.optimizer.step(slot, adam, grad_norm=self._grad_norm(slot))
+
+    @torch.no_grad()
+    def _grad_norm(self, slot: int) -> float:
+        """The norm of the slot's whole gradient, the same on every rank."""
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, param in self.optimizer.params.items():
+            squares = param.grad[slot].double().pow(2).sum()
+            if name in self._sharded:
+                sharded += squares
+            else:
+                replicated += squares
+        if self.dims.tp > 1:
+            dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
+        total = sharded + replicated
+        if self.dims.pp > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return float(total.sqrt())
+
+
+def _peft_key(name: str) -> str:
+    """`<hf path>.lora_A` -> its PEFT tensor name."""
+    path, kind = name.rsplit(".", 1)
+    return lora_tensor_names(path)[KINDS.index(kind)]
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+
+
+def _model_dir(path: str) -> str:
+    """A local directory as is; a hub id resolved through the Hugging Face cache (the
+    same files transformers' from_pretrained reads)."""
+    if Path(path).expanduser().is_dir():
+        return str(Path(path).expanduser())
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])

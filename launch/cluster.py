@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="API port (0 = pick a free one)")
     p.add_argument("--state-dir", type=Path, default=default_state_dir())
-    p.add_argument("--trainer-ranks", type=int, default=1,
-                   help="trainer ranks (torchrun world size); data parallel = ranks / (tp * pp)")
+    p.add_argument("--trainer-ranks", type=int,
+                   help="trainer ranks (torchrun world size); data parallel = ranks / (tp * pp) (default: tp * pp, "
+                        "no data parallelism)")
     p.add_argument("--trainer-backend", default="torch", choices=sorted(TRAINER_BACKENDS),
                    help="torch: one transformers model per rank, data parallel only; megatron: megatron-core "
                         "with tensor and pipeline parallelism (pip install -e '.[megatron]')")
@@ -88,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--session-timeout must be positive")
     if args.max_adapters_per_user is not None and args.max_adapters_per_user < 1:
         p.error("--max-adapters-per-user must be at least 1")
+    if args.trainer_ranks is None:
+        args.trainer_ranks = args.tp * args.pp
     if args.trainer_timeout <= 0:
         p.error("--trainer-timeout must be positive")
     _check_trainer_layout(p, args)

@@ -116,3 +116,13 @@ def service_client(cluster):
     client = cluster.service_client()
     yield client
     client.close("success").result()
+
+
+@pytest.fixture(scope="session")
+def cookbook_hf_home(tmp_path_factory, models_dir) -> Path:
+    """An HF_HOME whose hub cache holds the served built-in model as `tinkerd/tiny-qwen3`."""
+    from actors.builtin_model import install_into_hf_cache
+
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    install_into_hf_cache(models_dir / "tiny-qwen3", hf_home)
+    return hf_home

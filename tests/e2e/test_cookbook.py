@@ -28,16 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RUN_TIMEOUT_S = 300
 
 
-@pytest.fixture(scope="session")
-def cookbook_hf_home(tmp_path_factory, models_dir) -> Path:
-    """An HF_HOME whose hub cache holds the served built-in model as `tinkerd/tiny-qwen3`."""
-    from actors.builtin_model import install_into_hf_cache
-
-    hf_home = tmp_path_factory.mktemp("hf_home")
-    install_into_hf_cache(models_dir / "tiny-qwen3", hf_home)
-    return hf_home
-
-
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -58,7 +48,8 @@ def run_recipe(cluster, hf_home: Path, tmp_path: Path, recipe: str, data: Path, 
 
 
 def server_logs(cluster) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((cluster.state_dir / "logs").glob("*.log")))
+    logs = sorted((cluster.state_dir / "logs").glob("*.log"))
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs)
 
 
 def assert_completed(proc, cluster, log_path: Path) -> dict:

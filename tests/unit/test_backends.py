@@ -73,6 +73,8 @@ def test_the_launcher_passes_the_layout_on():
     assert (config.trainer.backend, config.trainer.tp, config.trainer.pp) == ("megatron", 2, 2)
     assert config.trainer.parallel_dims() == ParallelDims(dp=2, tp=2, pp=2)
     assert config.trainer.call_timeout_s == 30
+    assert parse_args(["--trainer-backend", "megatron", "--tp", "2"]).trainer_ranks == 2  # dp 1 by default
+    assert parse_args([]).trainer_ranks == 1
 
 
 def test_the_torch_backend_refuses_model_parallel_layouts():

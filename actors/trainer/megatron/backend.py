@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from transformers import AutoConfig
 
 from actors.model_loading import DTYPES
@@ -52,13 +52,16 @@ class MegatronTrainerBackend(TrainerBackend):
                  local_world_size: int | None = None):
         super().__init__(config, rank, world_size, local_world_size)
         trainer = config.trainer
-        self._device = torch.device(trainer.device if trainer.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
+        cuda = trainer.device == "cuda"
+        self._device = torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else trainer.device)
         if self._device.type == "cpu":
             apply_cpu_shims()
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
         if not dist.is_initialized():  # a lone rank: megatron-core still wants a process group
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         init_model_parallel(self.dims.tp, self.dims.pp)
+        if self._device.type == "cuda":  # mcore's CUDA RNG streams (on CPU the shims replace them)
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
         self._check_megatron_agrees_on_coords()
         hf_config = AutoConfig.from_pretrained(config.model.path)
         check_supported_config(hf_config, self.dims.tp, self.dims.pp)
@@ -161,7 +164,8 @@ class MegatronTrainerBackend(TrainerBackend):
         stages = [stage]
         if self.dims.pp > 1:
             stages = [None] * self.dims.pp if self.rank == EXPORTING_RANK else None
-            dist.gather_object(stage, stages, dst=EXPORTING_RANK, group=parallel_state.get_pipeline_model_parallel_group())
+            group = parallel_state.get_pipeline_model_parallel_group()
+            dist.gather_object(stage, stages, dst=EXPORTING_RANK, group=group)
         if self.rank != EXPORTING_RANK:
             return None
         return {k: v for part in stages for k, v in part.items()}

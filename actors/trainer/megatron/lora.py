@@ -193,7 +193,8 @@ class MegatronLoraSlots:
             if not trains_kind(spec, module_kind(hf_path)):
                 continue
             for kind in KINDS:
-                self._write(slot, spec.rank, f"{hf_path}.{kind}", torch.as_tensor(tensors[lora_tensor_names(hf_path)[KINDS.index(kind)]]))
+                full = torch.as_tensor(tensors[lora_tensor_names(hf_path)[KINDS.index(kind)]])
+                self._write(slot, spec.rank, f"{hf_path}.{kind}", full)
 
     @torch.no_grad()
     def export_slot(self, slot: int) -> dict[str, torch.Tensor]:
@@ -283,8 +284,10 @@ def wrap_gpt_model(model: nn.Module, num_slots: int, max_rank: int, global_layer
     by_path = {m.hf_path: m for m in hf_modules}
     reference = next(model.parameters())
     selection = AdapterSelection()
+    # float32 adapters (and so float32 AdamW state) whatever the base's dtype: a bf16 base
+    # on CUDA trains its LoRA in full precision
     common = dict(num_slots=num_slots, max_rank=max_rank, selection=selection,
-                  dtype=reference.dtype, device=reference.device)
+                  dtype=torch.float32, device=reference.device)
     for p in model.parameters():
         p.requires_grad_(False)
     layers = []

@@ -113,6 +113,7 @@ class ParallelLora(nn.Module, abc.ABC):
         self.selection = selection
         self.tp_group = base.tp_group
         self.tp_rank = self.tp_group.rank()
+        self.lora_dtype = dtype
         self.layouts: dict[str, SlotTensorLayout] = {}
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for adapter, (a_layout, b_layout) in zip(self.adapters, layouts):
@@ -167,8 +168,10 @@ class ParallelLora(nn.Module, abc.ABC):
         return delta if delta.shape[-1] == stored else F.pad(delta, (0, stored - delta.shape[-1]))
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The LoRA term for `x` (`[s, b, in_local]`), fused like the base's output; None if none."""
+        """The LoRA term for `x` (`[s, b, in_local]`), fused like the base's output, in the
+        adapters' dtype (float32 also under a bf16 base); None if none."""
         single, per_row = self.selection.single, self.selection.per_row
+        x = x.to(self.lora_dtype)
         if single is not None:
             scaling = self.slot_scaling[single]
             if single == BASE_SLOT or scaling == 0.0:
@@ -244,7 +247,7 @@ class ColumnParallelLora(ParallelLora):
         out, bias = self.base(input_, weight=weight, runtime_gather_output=False)
         delta = self._delta(input_)
         if delta is not None:
-            out = out + delta
+            out = out + delta.to(out.dtype)
         if gather:
             out = gather_from_tensor_model_parallel_region(out, group=self.tp_group)
         return out, bias
@@ -276,4 +279,4 @@ class RowParallelLora(ParallelLora):
         else:
             local_input = scatter_to_tensor_model_parallel_region(input_, group=self.tp_group)
         delta = self._delta(local_input)
-        return (out if delta is None else out + delta), bias
+        return (out if delta is None else out + delta.to(out.dtype)), bias

@@ -57,42 +57,66 @@ def draw_lora_a(spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]) ->
         yield path, a
 
 
-class _AdapterIndices:
-    """Shared by every MultiLoraLinear of a model: which slot each example uses."""
+class AdapterSelection:
+    """Shared by every LoRA layer of one model: which slot each batch row uses."""
 
     def __init__(self):
-        self.per_example: torch.Tensor | None = None  # long [B]
+        self.per_row: torch.Tensor | None = None  # long [B]
         self.single: int | None = None  # fast path: the whole batch uses one slot
 
+    @contextlib.contextmanager
+    def use(self, slots: int | torch.Tensor):
+        """Run the model with one slot for the whole batch, or one slot per batch row."""
+        if isinstance(slots, torch.Tensor):
+            unique = torch.unique(slots)
+            self.single = int(unique[0]) if len(unique) == 1 else None
+            self.per_row = None if len(unique) == 1 else slots
+        else:
+            self.single, self.per_row = int(slots), None
+        try:
+            yield
+        finally:
+            self.single, self.per_row = None, None
 
-class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, indices: _AdapterIndices):
-        super().__init__()
-        self.base = base
-        self.indices = indices
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, base.in_features, device=dev, dtype=dt))
-        self.lora_B = nn.Parameter(torch.zeros(num_slots, base.out_features, max_rank, device=dev, dtype=dt))
-        self.register_buffer("rank_mask", torch.zeros(num_slots, max_rank, device=dev, dtype=dt))
-        self.register_buffer("scaling", torch.zeros(num_slots, device=dev, dtype=dt))
-        # the same rank and scaling as Python numbers, for the one-slot path: reading the
-        # buffers (a sync each) and masking A are ops of their own, and a small model's
-        # step is mostly per-op overhead (2-6% of a built-in model's decode step)
+
+class SlotSettings:
+    """Each slot's rank and scaling, for an nn.Module holding slot tensors (a mixin).
+
+    Buffers `rank_mask[S, r_max]` and `scaling[S]` serve mixed batches; the same rank and
+    scaling as Python numbers serve the one-slot path: reading the buffers (a sync each)
+    and masking A are ops of their own, and a small model's step is mostly per-op
+    overhead (2-6% of a built-in model's decode step).
+    """
+
+    def init_slot_settings(self, num_slots: int, max_rank: int, dtype: torch.dtype, device) -> None:
+        self.register_buffer("rank_mask", torch.zeros(num_slots, max_rank, device=device, dtype=dtype))
+        self.register_buffer("scaling", torch.zeros(num_slots, device=device, dtype=dtype))
         self.slot_rank = [0] * num_slots
         self.slot_scaling = [0.0] * num_slots
 
     @torch.no_grad()
     def set_slot(self, slot: int, rank: int, scaling: float) -> None:
-        """Rank and scaling of `slot` (0, 0.0: the slot leaves this module alone)."""
+        """Rank and scaling of `slot` (0, 0.0: the slot leaves this layer alone)."""
         self.rank_mask[slot].zero_()
         self.rank_mask[slot, :rank] = 1.0
         self.scaling[slot] = scaling
         self.slot_rank[slot] = rank
-        self.slot_scaling[slot] = float(self.scaling[slot])  # rounded to the model's dtype, as the buffer
+        self.slot_scaling[slot] = float(self.scaling[slot])  # rounded to the buffer's dtype
+
+
+class MultiLoraLinear(nn.Module, SlotSettings):
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, selection: AdapterSelection):
+        super().__init__()
+        self.base = base
+        self.selection = selection
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, base.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(num_slots, base.out_features, max_rank, device=dev, dtype=dt))
+        self.init_slot_settings(num_slots, max_rank, dt, dev)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        single, per_example = self.indices.single, self.indices.per_example
+        single, per_example = self.selection.single, self.selection.per_row
         if single is not None:
             scaling = self.slot_scaling[single]
             if single == BASE_SLOT or scaling == 0.0:
@@ -119,7 +143,7 @@ class LoraSlots:
         self.model = model
         self.num_slots = num_slots
         self.max_rank = max_rank
-        self.indices = _AdapterIndices()
+        self.selection = AdapterSelection()
         self.modules: dict[str, MultiLoraLinear] = {}
         self.specs: dict[int, LoraSpec] = {}
         for p in model.parameters():
@@ -127,7 +151,7 @@ class LoraSlots:
         targets = [(path, m) for path, m in model.named_modules()
                    if isinstance(m, nn.Linear) and module_kind(path)]
         for path, linear in targets:
-            wrapped = MultiLoraLinear(linear, num_slots, max_rank, self.indices)
+            wrapped = MultiLoraLinear(linear, num_slots, max_rank, self.selection)
             parent_path, _, leaf = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, leaf, wrapped)
@@ -170,22 +194,16 @@ class LoraSlots:
             if trains_kind(spec, module_kind(path)):
                 m.set_slot(slot, spec.rank, spec.alpha / spec.rank)
 
-    @contextlib.contextmanager
     def use(self, slots: int | torch.Tensor):
         """Run the model with one slot for the whole batch, or one slot per example."""
-        if isinstance(slots, torch.Tensor):
-            uniq = torch.unique(slots)
-            self.indices.single = int(uniq[0]) if len(uniq) == 1 else None
-            self.indices.per_example = None if len(uniq) == 1 else slots
-        else:
-            self.indices.single, self.indices.per_example = int(slots), None
-        try:
-            yield
-        finally:
-            self.indices.single, self.indices.per_example = None, None
+        return self.selection.use(slots)
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.modules.values() for p in (m.lora_A, m.lora_B)]
+        return list(self.named_slot_params().values())
+
+    def named_slot_params(self) -> dict[str, nn.Parameter]:
+        """`<hf path>.lora_A` / `.lora_B` -> slot tensor, in model order (what SlotAdamW steps)."""
+        return {f"{path}.{kind}": getattr(m, kind) for path, m in self.modules.items() for kind in ("lora_A", "lora_B")}
 
     # -- PEFT import / export ------------------------------------------------------------
 

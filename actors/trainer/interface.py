@@ -24,13 +24,16 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from actors.peft import expected_lora_shapes, target_module_names
+from actors.trainer.batch_checks import checked_loss_inputs
 from actors.trainer.checkpoint_files import SlotState, read_training_state, write_training_state
+from actors.trainer.optim import SlotAdamW
 from cluster.config import ClusterConfig
 from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec, RankCoords
 from cluster.parallel import ParallelDims
@@ -148,3 +151,76 @@ class TrainerBackend(abc.ABC):
                 raise ValueError(f"another trainer rank rejected {what} (its reply names the problem)")
         if rejection is not None:
             raise rejection
+
+
+class SlotTensorBackend(TrainerBackend):
+    """A backend whose adapters live in slot tensors, as both backends' do.
+
+    Its `slots` owns the LoRA layers (actors/lora.LoraSlots, megatron/lora.MegatronLoraSlots:
+    validate, init_slot, clear_slot, specs, num_slots, max_rank, module_shapes) and its
+    `optimizer` is a SlotAdamW over them; `vocab_size` is the model's real vocabulary.
+    """
+
+    slots: Any
+    optimizer: SlotAdamW
+    vocab_size: int
+
+    def info(self) -> dict:
+        return {"vocab_size": self.vocab_size, "num_slots": self.slots.num_slots,
+                "max_lora_rank": self.slots.max_rank}
+
+    def create_adapter(self, slot: int, spec: LoraSpec) -> None:
+        """Fresh adapter in `slot` (init from spec.seed: the same on every rank and layout)."""
+        self.check_slot_index(slot)
+        self.slots.init_slot(slot, spec)
+        self.optimizer.reset_slot(slot)
+
+    def drop_adapter(self, slot: int) -> None:
+        self.check_slot_index(slot)
+        self.slots.clear_slot(slot)
+        self.optimizer.reset_slot(slot)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.slots.module_shapes()
+
+    def validate_spec(self, spec: LoraSpec) -> None:
+        self.slots.validate(spec)
+
+    def check_slot_index(self, slot: int) -> None:
+        if not 0 < slot < self.slots.num_slots:
+            raise ValueError(f"adapter slot {slot} out of range 1..{self.slots.num_slots - 1}")
+
+    def check_adapter(self, slot: int) -> None:
+        self.check_slot_index(slot)
+        if slot not in self.slots.specs:
+            raise ValueError(f"adapter slot {slot} holds no adapter")
+
+    def checked_request(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
+                        batch: DatumBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A forward_backward's target tokens and loss inputs, once every rank has found its
+        shard good (batch_checks.py); a ValueError on every rank if any rank did not."""
+        try:
+            self.check_adapter(slot)
+            checked = checked_loss_inputs(loss_fn, loss_fn_config, batch, self.vocab_size,
+                                          self.config.model.max_context, self.device)
+            rejection = None
+        except ValueError as exc:
+            checked, rejection = None, exc
+        self.agree_on_validation(rejection)
+        return checked
+
+
+def to_numpy_f32(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 copy on the CPU (never a view of live parameters or moments)."""
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+
+
+@torch.no_grad()
+def all_reduce_sum(tensors: list[torch.Tensor], group=None) -> None:
+    """Sum each tensor over the ranks of `group` (default: all), in one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -17,14 +17,12 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from actors.lora import LoraSlots
 from actors.model_loading import load_causal_lm
 from actors.peft import lora_tensor_names, module_kind, trains_kind
-from actors.trainer.batch_checks import checked_loss_inputs
 from actors.trainer.checkpoint_files import MOMENTS, SlotState
-from actors.trainer.interface import TrainerBackend
+from actors.trainer.interface import SlotTensorBackend, all_reduce_sum, to_numpy_f32
 from actors.trainer.losses import compute_loss
 from actors.trainer.optim import SlotAdamW, validate_adam_params
 from cluster.config import ClusterConfig
@@ -34,7 +32,7 @@ from cluster.parallel import EXPORTING_RANK
 log = logging.getLogger(__name__)
 
 
-class TorchTrainerBackend(TrainerBackend):
+class TorchTrainerBackend(SlotTensorBackend):
     def __init__(self, config: ClusterConfig, rank: int = 0, world_size: int = 1,
                  local_world_size: int | None = None):
         super().__init__(config, rank, world_size, local_world_size)
@@ -47,56 +45,28 @@ class TorchTrainerBackend(TrainerBackend):
         self.model = load_causal_lm(config.model.path, config.trainer.dtype, config.trainer.device)
         self._device = next(self.model.parameters()).device
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.max_context = config.model.max_context
         self.slots = LoraSlots(self.model, config.trainer.max_adapters + 1, config.trainer.max_lora_rank)
-        named = {f"{path}.{kind}": getattr(module, kind)
-                 for path, module in self.slots.modules.items() for kind in ("lora_A", "lora_B")}
-        self.optimizer = SlotAdamW(named, self.slots.num_slots)
+        self.optimizer = SlotAdamW(self.slots.named_slot_params(), self.slots.num_slots)
 
     @property
     def device(self) -> torch.device:
         return self._device
 
-    @property
-    def num_slots(self) -> int:
-        return self.slots.num_slots
-
-    def info(self) -> dict:
-        return {"vocab_size": self.vocab_size, "num_slots": self.num_slots,
-                "max_lora_rank": self.slots.max_rank}
-
     # -- adapter slots -------------------------------------------------------------------
-
-    def create_adapter(self, slot: int, spec: LoraSpec) -> None:
-        """Fresh adapter in `slot` (init from spec.seed, so every DP rank inits identically)."""
-        self.check_slot_index(slot)
-        self.slots.init_slot(slot, spec)
-        self.optimizer.reset_slot(slot)
-
-    def drop_adapter(self, slot: int) -> None:
-        self.check_slot_index(slot)
-        self.slots.clear_slot(slot)
-        self.optimizer.reset_slot(slot)
-
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        return self.slots.module_shapes()
-
-    def validate_spec(self, spec: LoraSpec) -> None:
-        self.slots.validate(spec)
 
     def gather_slot_state(self, slot: int, with_optimizer: bool) -> SlotState | None:
         """DP ranks hold the same state, so the exporting rank has all of it already."""
-        self._check_adapter(slot)
+        self.check_adapter(slot)
         if self.rank != EXPORTING_RANK:
             return None
         spec = self.slots.specs[slot]
-        tensors = {name: _to_numpy_f32(t) for name, t in self.slots.export_slot(slot).items()}
+        tensors = {name: to_numpy_f32(t) for name, t in self.slots.export_slot(slot).items()}
         if not with_optimizer:
             return SlotState(spec, tensors)
         moments = {}
         for name, (param, index) in self._peft_param_slices(spec, slot).items():
             for moment in MOMENTS:
-                moments[f"{name}.{moment}"] = _to_numpy_f32(getattr(self.optimizer, moment)[param][index])
+                moments[f"{name}.{moment}"] = to_numpy_f32(getattr(self.optimizer, moment)[param][index])
         return SlotState(spec, tensors, moments, self.optimizer.steps[slot])
 
     @torch.no_grad()
@@ -122,29 +92,13 @@ class TorchTrainerBackend(TrainerBackend):
                 out[b_name] = (f"{path}.lora_B", (slot, slice(None), slice(0, spec.rank)))
         return out
 
-    def check_slot_index(self, slot: int) -> None:
-        if not 0 < slot < self.num_slots:
-            raise ValueError(f"adapter slot {slot} out of range 1..{self.num_slots - 1}")
-
-    def _check_adapter(self, slot: int) -> None:
-        self.check_slot_index(slot)
-        if slot not in self.slots.specs:
-            raise ValueError(f"adapter slot {slot} holds no adapter")
-
     # -- training ------------------------------------------------------------------------
 
     def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
                          forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
         """Per-datum target logprobs and loss; unless forward_only, add the loss's gradient
         (of the sum over this shard) to the slot's gradients."""
-        try:
-            self._check_adapter(slot)
-            targets, inputs = checked_loss_inputs(loss_fn, loss_fn_config, batch, self.vocab_size,
-                                                  self.max_context, self.device)
-            rejection = None
-        except ValueError as exc:
-            rejection = exc
-        self.agree_on_validation(rejection)
+        targets, inputs = self.checked_request(slot, loss_fn, loss_fn_config, batch)
         with torch.set_grad_enabled(not forward_only):
             if batch.num_datums == 0:
                 target_logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=self.device)
@@ -156,28 +110,17 @@ class TorchTrainerBackend(TrainerBackend):
                 elementwise.sum().backward()
         return ForwardBackwardResult(
             lengths=np.asarray(batch.lengths, dtype=np.int64).copy(),
-            logprobs=_to_numpy_f32(target_logprobs),
-            elementwise_loss=_to_numpy_f32(elementwise),
+            logprobs=to_numpy_f32(target_logprobs),
+            elementwise_loss=to_numpy_f32(elementwise),
             metrics=metrics,
         )
 
     def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
-        self._check_adapter(slot)
+        self.check_adapter(slot)
         validate_adam_params(adam)  # before the all-reduce: a rejected step must leave grads as they were
-        if self.world_size > 1:
-            self._all_reduce_grads(slot)
+        if self.world_size > 1:  # every rank is a DP rank
+            all_reduce_sum(self.optimizer.slot_grads(slot))
         return self.optimizer.step(slot, adam)
-
-    @torch.no_grad()
-    def _all_reduce_grads(self, slot: int) -> None:
-        """Sum the slot's gradients over all DP ranks, in one collective."""
-        grads = self.optimizer.slot_grads(slot)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def _target_logprobs(self, slot: int, batch: DatumBatch, targets: torch.Tensor) -> torch.Tensor:
         """logp(target) at every real position, in float32: `[T]` or `[T, K]` like targets.
@@ -197,9 +140,3 @@ class TorchTrainerBackend(TrainerBackend):
         if targets.dim() == 1:
             return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
         return logprobs.gather(1, targets)
-
-
-
-def _to_numpy_f32(tensor: torch.Tensor) -> np.ndarray:
-    """A float32 copy (never a view of live parameters or moments)."""
-    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()

@@ -8,6 +8,7 @@ would send, and stay silent where a real rank would be stuck in a collective.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 
@@ -84,9 +85,13 @@ def test_undecodable_requests_and_replies_fail_their_calls():
     asyncio.run(scenario())
 
 
-def _silent_ranks(address: str, dims: ParallelDims, answering: set[int], stop: threading.Event,
-                  coords_of=None):
-    """Trainer ranks that say hello; the ones in `answering` answer drops, the rest never answer."""
+@contextlib.asynccontextmanager
+async def _pool_with_ranks(dims: ParallelDims, answering: set[int], timeout_s: float | None = None, coords_of=None):
+    """A WorkerPool and, in threads, its trainer ranks: they say hello (with `coords_of(rank)`,
+    by default the layout's), then the ones in `answering` answer every request and the rest
+    never answer anything."""
+    address, stop = _address(), threading.Event()
+
     def rank(r: int):
         peer = BlockingPeer(zmq.Context.instance(), zmq.DEALER, address, bind=False, identity=f"trainer-{r}".encode())
         coords = coords_of(r) if coords_of else dims.coords(r)
@@ -97,58 +102,44 @@ def _silent_ranks(address: str, dims: ParallelDims, answering: set[int], stop: t
                 peer.reply(got[1], TrainerDropAdapterResp())
         peer.close()
 
+    ctx = zmq.asyncio.Context()
+    pool = WorkerPool(ctx, address, dims, engines=0, trainer_timeout_s=timeout_s)
+    pool.start()
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(dims.world_size)]
     for t in threads:
         t.start()
-    return threads
+    try:
+        yield pool
+    finally:
+        stop.set()
+        for t in threads:
+            await asyncio.to_thread(t.join, 10)
+        pool.peer.close()
+        ctx.term()
 
 
 def test_a_rank_that_never_answers_fails_the_step_and_poisons_the_pool():
-    address, dims, stop = _address(), ParallelDims(dp=1, tp=2, pp=1), threading.Event()
-
     async def scenario():
-        ctx = zmq.asyncio.Context()
-        pool = WorkerPool(ctx, address, dims, engines=0, trainer_timeout_s=0.5)
-        pool.start()
-        threads = _silent_ranks(address, dims, answering={0}, stop=stop)
-        try:
+        async with _pool_with_ranks(ParallelDims(dp=1, tp=2, pp=1), answering={0}, timeout_s=0.5) as pool:
             await asyncio.wait_for(pool.ready.wait(), 10)
             with pytest.raises(WorkerFailure, match=r"trainer rank\(s\) \[1\] did not answer TrainerDropAdapterReq "
                                                    r"within 0.5 s"):
                 await pool.trainer_broadcast(lambda: TrainerDropAdapterReq(slot=1))
             with pytest.raises(WorkerFailure, match="did not answer"):  # fails fast from now on
                 await asyncio.wait_for(pool.trainer_broadcast(lambda: TrainerDropAdapterReq(slot=1)), 0.2)
-        finally:
-            stop.set()
-            for t in threads:
-                await asyncio.to_thread(t.join, 10)
-            pool.peer.close()
-            ctx.term()
 
     asyncio.run(scenario())
 
 
 def test_a_rank_whose_coordinates_disagree_with_the_layout_is_refused():
-    address, dims, stop = _address(), ParallelDims(dp=2, tp=1, pp=1), threading.Event()
-
     async def scenario():
-        ctx = zmq.asyncio.Context()
-        pool = WorkerPool(ctx, address, dims, engines=0)
-        pool.start()
-        threads = _silent_ranks(address, dims, answering={0, 1}, stop=stop,
-                                coords_of=lambda r: RankCoords(dp=0, tp=r))
-        try:
+        async with _pool_with_ranks(ParallelDims(dp=2, tp=1, pp=1), answering={0, 1},
+                                    coords_of=lambda r: RankCoords(dp=0, tp=r)) as pool:
             for _ in range(100):
                 if pool.failure:
                     break
                 await asyncio.sleep(0.05)
             assert "trainer 1 reports coordinates" in pool.failure and "dp=2 tp=1 pp=1" in pool.failure
             assert not pool.ready.is_set()
-        finally:
-            stop.set()
-            for t in threads:
-                await asyncio.to_thread(t.join, 10)
-            pool.peer.close()
-            ctx.term()
 
     asyncio.run(scenario())

@@ -30,9 +30,8 @@ from transformers import AutoConfig
 
 from actors.model_loading import DTYPES
 from actors.peft import lora_tensor_names, module_kind, trains_kind
-from actors.trainer.batch_checks import checked_loss_inputs
 from actors.trainer.checkpoint_files import MOMENTS, SlotState
-from actors.trainer.interface import TrainerBackend
+from actors.trainer.interface import SlotTensorBackend, all_reduce_sum, to_numpy_f32
 from actors.trainer.megatron.cpu_shims import apply_cpu_shims
 from actors.trainer.megatron.lora import wrap_gpt_model
 from actors.trainer.megatron.model import build_gpt_model, check_supported_config, init_model_parallel
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 KINDS = ("lora_A", "lora_B")
 
 
-class MegatronTrainerBackend(TrainerBackend):
+class MegatronTrainerBackend(SlotTensorBackend):
     def __init__(self, config: ClusterConfig, rank: int = 0, world_size: int = 1,
                  local_world_size: int | None = None):
         super().__init__(config, rank, world_size, local_world_size)
@@ -66,7 +65,6 @@ class MegatronTrainerBackend(TrainerBackend):
         hf_config = AutoConfig.from_pretrained(config.model.path)
         check_supported_config(hf_config, self.dims.tp, self.dims.pp)
         self.vocab_size = int(hf_config.vocab_size)
-        self.max_context = config.model.max_context
         self.model = build_gpt_model(hf_config, DTYPES[trainer.dtype], self._device)
         load_hf_state_dict(self.model, read_hf_weights(_model_dir(config.model.path)), hf_config)
         self.model.config.calculate_per_token_loss = True  # the schedule must not average Tinker's summed losses
@@ -90,36 +88,7 @@ class MegatronTrainerBackend(TrainerBackend):
     def device(self) -> torch.device:
         return self._device
 
-    def info(self) -> dict:
-        return {"vocab_size": self.vocab_size, "num_slots": self.slots.num_slots,
-                "max_lora_rank": self.slots.max_rank}
-
     # -- adapter slots -------------------------------------------------------------------
-
-    def create_adapter(self, slot: int, spec: LoraSpec) -> None:
-        self.check_slot_index(slot)
-        self.slots.init_slot(slot, spec)
-        self.optimizer.reset_slot(slot)
-
-    def drop_adapter(self, slot: int) -> None:
-        self.check_slot_index(slot)
-        self.slots.clear_slot(slot)
-        self.optimizer.reset_slot(slot)
-
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        return {m.hf_path: (m.in_features, m.out_features) for m in self.slots.hf_modules}
-
-    def validate_spec(self, spec: LoraSpec) -> None:
-        self.slots.validate(spec)
-
-    def check_slot_index(self, slot: int) -> None:
-        if not 0 < slot < self.slots.num_slots:
-            raise ValueError(f"adapter slot {slot} out of range 1..{self.slots.num_slots - 1}")
-
-    def _check_adapter(self, slot: int) -> None:
-        self.check_slot_index(slot)
-        if slot not in self.slots.specs:
-            raise ValueError(f"adapter slot {slot} holds no adapter")
 
     def _local_names(self, spec: LoraSpec) -> list[str]:
         """This stage's slot tensors that an adapter of `spec` uses (`<hf path>.lora_A|B`)."""
@@ -133,7 +102,7 @@ class MegatronTrainerBackend(TrainerBackend):
 
     def gather_slot_state(self, slot: int, with_optimizer: bool) -> SlotState | None:
         """Collective: the slot's tensors (and moments) in full on EXPORTING_RANK."""
-        self._check_adapter(slot)
+        self.check_adapter(slot)
         spec = self.slots.specs[slot]
         sources = {"": self.slots.named_slot_params()}
         if with_optimizer:
@@ -188,14 +157,7 @@ class MegatronTrainerBackend(TrainerBackend):
 
     def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
                          forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
-        try:
-            self._check_adapter(slot)
-            targets, inputs = checked_loss_inputs(loss_fn, loss_fn_config, batch, self.vocab_size,
-                                                  self.max_context, self.device)
-            rejection = None
-        except ValueError as exc:
-            rejection = exc
-        self.agree_on_validation(rejection)
+        targets, inputs = self.checked_request(slot, loss_fn, loss_fn_config, batch)
         output = None
         if batch.num_datums:  # every rank of a DP group has the same shard: all run, or none
             parts = microbatches(batch, targets, inputs, self.dims.pp, self.device)
@@ -206,15 +168,15 @@ class MegatronTrainerBackend(TrainerBackend):
             zeros = np.zeros(targets.shape, dtype=np.float32)
             return ForwardBackwardResult(lengths=lengths, logprobs=zeros, elementwise_loss=zeros.copy(),
                                          metrics={"loss:sum": 0.0})
-        return ForwardBackwardResult(lengths=lengths, logprobs=_numpy(output.logprobs),
-                                     elementwise_loss=_numpy(output.elementwise_loss), metrics=output.metrics)
+        return ForwardBackwardResult(lengths=lengths, logprobs=to_numpy_f32(output.logprobs),
+                                     elementwise_loss=to_numpy_f32(output.elementwise_loss), metrics=output.metrics)
 
     def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
-        self._check_adapter(slot)
+        self.check_adapter(slot)
         validate_adam_params(adam)  # before any collective: a rejected step leaves the gradients alone
         grads = self.optimizer.slot_grads(slot)
         if self.dims.dp > 1:
-            _all_reduce_sum(grads, parallel_state.get_data_parallel_group())
+            all_reduce_sum(grads, parallel_state.get_data_parallel_group())
         return self.optimizer.step(slot, adam, grad_norm=self._grad_norm(slot))
 
     @torch.no_grad()
@@ -241,18 +203,6 @@ def _peft_key(name: str) -> str:
     path, kind = name.rsplit(".", 1)
     return lora_tensor_names(path)[KINDS.index(kind)]
 
-
-def _all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
 
 
 def _model_dir(path: str) -> str:

@@ -22,17 +22,15 @@ use, target_module_names), with what tensor and pipeline parallelism add:
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from actors.lora import draw_lora_a, validate_lora_spec
+from actors.lora import AdapterSelection, draw_lora_a, validate_lora_spec
 from actors.peft import PEFT_PREFIX, expected_lora_shapes, lora_tensor_names, module_kind, trains_kind
 from actors.trainer.megatron.lora_layers import (
-    AdapterSelection,
     CanonicalAdapter,
     ColumnParallelLora,
     ConcatLayout,
@@ -137,19 +135,9 @@ class MegatronLoraSlots:
             if trains_kind(spec, module_kind(layer.adapters[0].hf_path)):
                 layer.set_slot(slot, spec.rank, spec.alpha / spec.rank)
 
-    @contextlib.contextmanager
     def use(self, slots: int | torch.Tensor):
         """Run the model with one slot for the whole batch, or one slot per batch row (`[b]`)."""
-        if isinstance(slots, torch.Tensor):
-            unique = torch.unique(slots)
-            self.selection.single = int(unique[0]) if len(unique) == 1 else None
-            self.selection.per_row = None if len(unique) == 1 else slots
-        else:
-            self.selection.single, self.selection.per_row = int(slots), None
-        try:
-            yield
-        finally:
-            self.selection.single, self.selection.per_row = None, None
+        return self.selection.use(slots)
 
     def named_slot_params(self) -> dict[str, nn.Parameter]:
         """`<hf path>.lora_A` / `.lora_B` -> this rank's slot tensor, for SlotAdamW."""

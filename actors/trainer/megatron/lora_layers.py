@@ -42,15 +42,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 from torch.nn import functional as F
 
-from actors.lora import BASE_SLOT
-
-
-class AdapterSelection:
-    """Shared by every wrapper of one model: which slot each batch row (mcore dim 1) uses."""
-
-    def __init__(self):
-        self.per_row: torch.Tensor | None = None  # long [b]
-        self.single: int | None = None  # fast path: the whole batch uses one slot
+from actors.lora import BASE_SLOT, AdapterSelection, SlotSettings
 
 
 @dataclass(frozen=True)
@@ -98,7 +90,7 @@ class PerQueryGroupLayout:
         return torch.cat(per_group, dim=-1).flatten(-2)
 
 
-class ParallelLora(nn.Module, abc.ABC):
+class ParallelLora(nn.Module, SlotSettings, abc.ABC):
     """Slot tensors and slot bookkeeping of one mcore linear's canonical adapters."""
 
     def __init__(self, base: nn.Module, adapters: list[CanonicalAdapter], layouts: list[tuple],
@@ -122,11 +114,7 @@ class ParallelLora(nn.Module, abc.ABC):
             self.lora_B[adapter.leaf] = nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))
             self.layouts[f"{adapter.hf_path}.lora_A"] = a_layout
             self.layouts[f"{adapter.hf_path}.lora_B"] = b_layout
-        self.register_buffer("rank_mask", torch.zeros(num_slots, max_rank, dtype=dtype, device=device))
-        self.register_buffer("scaling", torch.zeros(num_slots, dtype=dtype, device=device))
-        # Python copies for the one-slot path: reading the buffers would sync once per layer
-        self.slot_rank = [0] * num_slots
-        self.slot_scaling = [0.0] * num_slots
+        self.init_slot_settings(num_slots, max_rank, dtype, device)
 
     def __getattr__(self, name: str):
         # GPTModel and TransformerLayer read attributes of the linear they built
@@ -137,15 +125,6 @@ class ParallelLora(nn.Module, abc.ABC):
             if name == "base":
                 raise
             return getattr(super().__getattr__("base"), name)
-
-    @torch.no_grad()
-    def set_slot(self, slot: int, rank: int, scaling: float) -> None:
-        """Rank and scaling of `slot` (0, 0.0: the slot leaves this layer alone)."""
-        self.rank_mask[slot].zero_()
-        self.rank_mask[slot, :rank] = 1.0
-        self.scaling[slot] = scaling
-        self.slot_rank[slot] = rank
-        self.slot_scaling[slot] = float(self.scaling[slot])  # rounded to the params' dtype, as the buffer
 
     def slot_params(self) -> dict[str, nn.Parameter]:
         """`<hf path>.lora_A` / `.lora_B` -> slot tensor, in HF module order."""

@@ -1,10 +1,13 @@
 """Megatron multi-LoRA (actors/trainer/megatron/lora*.py) against plain torch, at TP1 and TP2.
 
-Each layout is one torch.multiprocessing spawn (gloo on CPU) that runs every check and
-saves what it measured; the tests below read those files. The workers build standalone
-mcore parallel linears from HF-style weights (q/k/v packed per query group into linear_qkv,
-gate/up into linear_fc1, o_proj and down_proj row-parallel, a vocab-parallel lm_head with
-padded vocab) and compare them, with adapters, to HF-shaped merged weights
+Both layouts run in ONE torch.multiprocessing spawn of two gloo ranks (starting ranks and
+importing megatron-core costs seconds each): first as dp2 x tp1, where each rank is an
+independent TP1 replica that runs every check, then, after destroying megatron-core's
+groups, re-initialised as tp2 in the same processes. No check needs a world of one. Each
+rank saves what it measured per layout; the tests below read that. The workers build
+standalone mcore parallel linears from HF-style weights (q/k/v packed per query group into
+linear_qkv, gate/up into linear_fc1, o_proj and down_proj row-parallel, a vocab-parallel
+lm_head with padded vocab) and compare them, with adapters, to HF-shaped merged weights
 `W + alpha/r * B @ A`. A tiny GPTModel checks `wrap_gpt_model` end to end.
 """
 
@@ -26,6 +29,8 @@ from actors.lora import BASE_SLOT, LoraSlots  # noqa: E402
 from actors.peft import module_kind, trains_kind  # noqa: E402
 from cluster.messages import LoraSpec  # noqa: E402
 
+TP_SIZES = (1, 2)
+WORLD_SIZE = 2  # dp2 x tp1, then tp2
 HIDDEN, HEADS, GROUPS, HEAD_DIM, FFN = 16, 4, 2, 8, 24
 VOCAB, PADDED_VOCAB = 45, 48
 SEQ, BATCH = 3, 3
@@ -431,22 +436,29 @@ def _run_with(slots, selector, run) -> torch.Tensor:
 # -- the spawned ranks and the tests ---------------------------------------------------
 
 
-def _rank_main(rank: int, tp: int, port: int, out_dir: str) -> None:
+def _rank_main(rank: int, port: int, out_dir: str) -> None:
+    """Every TP size in turn on this one process; what it measured goes to `out_dir/rank{rank}.pt`."""
     from megatron.core import parallel_state, tensor_parallel
 
     torch.set_num_threads(1)  # the machine's cores are shared by the ranks
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=tp)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     # megatron-core's CUDA-only sites on this path (TP gathers, RoPE), for this test process only
     torch.cuda.current_device = lambda: torch.device("cpu")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    results = {}
     try:
-        results = _layer_checks(tp, rank)
-        results.update(_gpt_model_checks(tp, rank))
+        for tp in TP_SIZES:
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+            tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+            try:
+                # the weights are sharded by the TP rank: at dp2 x tp1 both ranks hold everything
+                tp_rank = parallel_state.get_tensor_model_parallel_rank()
+                results[tp] = _layer_checks(tp, tp_rank)
+                results[tp].update(_gpt_model_checks(tp, tp_rank))
+            finally:
+                parallel_state.destroy_model_parallel()  # the next TP size needs fresh groups
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
-        parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
@@ -458,13 +470,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[int, list[dict]]:
-    """Per TP size, each rank's measurements."""
-    results = {}
-    for tp in (1, 2):
-        out_dir = tmp_path_factory.mktemp(f"megatron-lora-tp{tp}")
-        mp.spawn(_rank_main, args=(tp, _free_port(), str(out_dir)), nprocs=tp, join=True)
-        results[tp] = [torch.load(out_dir / f"rank{rank}.pt") for rank in range(tp)]
-    return results
+    """Per TP size, each rank's measurements (at TP1, both ranks are replicas)."""
+    out_dir = tmp_path_factory.mktemp("megatron-lora-ranks")
+    mp.spawn(_rank_main, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    per_rank = [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    return {tp: [rank_results[tp] for rank_results in per_rank] for tp in TP_SIZES}
 
 
 def _ranks(measured):

@@ -8,13 +8,16 @@ unit scale, because HF's 0.02 init (the built-in model's) makes attention nearly
 which would hide RoPE or q/k mapping mistakes; and their norm weights away from 1, which
 would hide a swapped norm.
 
-Each layout is one torch.multiprocessing spawn over gloo that checks all three models:
-starting processes and importing megatron.core costs seconds, so the work is grouped.
-Every rank runs a right-padded batch through megatron's own schedule
-(get_forward_backward_func, forward only, 2 microbatches), the last stage gathers the
-vocab-parallel logits over TP, and every rank exports its stage back to HF names. The
-parent compares the logits at the real positions with transformers' (float32, CPU) and the
-union of the exports with the checkpoint, bit for bit.
+All four layouts run in ONE torch.multiprocessing spawn of four gloo ranks: starting
+processes and importing megatron.core costs seconds each, so the ranks stay and
+re-initialise megatron-core's model-parallel groups per layout (destroy, then init):
+dp4 (TP1), dp2 x tp2, dp2 x pp2 and tp2 x pp2. Each DP group is an independent replica of
+its layout and is checked on its own. Every rank runs a right-padded batch through
+megatron's own schedule (get_forward_backward_func, forward only, 2 microbatches), the
+last stage gathers the vocab-parallel logits over TP, and every rank exports its stage
+back to HF names. The parent compares, for every DP group, the logits at the real
+positions with transformers' (float32, CPU) and the union of the group's exports with the
+checkpoint, bit for bit.
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ from actors.model_loading import load_causal_lm  # noqa: E402
 from tests.megatron_cases import LLAMA3_ROPE, llama_config, qwen2_config, qwen3_config, save_randomized  # noqa: E402
 from tests.numerics import assert_close_at_scale  # noqa: E402
 
-LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2xpp2": (2, 2)}
+WORLD_SIZE = 4
+LAYOUTS = {"dp4": (1, 1), "dp2-tp2": (2, 1), "dp2-pp2": (1, 2), "tp2-pp2": (2, 2)}  # label -> (tp, pp)
 LENGTHS = [7, 4, 6, 3]  # right-padded to 7; two microbatches of two rows each
 MICROBATCHES = 2
+
+
 def _padded_tokens(vocab_size: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     tokens = torch.zeros(len(LENGTHS), max(LENGTHS), dtype=torch.long)
@@ -75,35 +81,51 @@ def cases(tmp_path_factory) -> dict[str, dict[str, str]]:
 
 # -- the ranks ---------------------------------------------------------------------------
 
-def _rank(rank: int, world_size: int, port: int, tp: int, pp: int, cases: dict[str, dict[str, str]],
-          out_dir: str) -> None:
+def _rank(rank: int, port: int, cases: dict[str, dict[str, str]], out_dir: str) -> None:
+    """Every layout in turn on this one process; what it computed goes to `out_dir/rank{rank}.pt`."""
     import os
 
     import torch.distributed as dist
 
-    torch.set_num_threads(1)  # up to 4 ranks share the machine's cores
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    from transformers import AutoConfig
-
     from actors.trainer.megatron import model as megatron_model
     from actors.trainer.megatron.cpu_shims import apply_cpu_shims
+
+    torch.set_num_threads(1)  # the four ranks share the machine's cores
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    apply_cpu_shims()
+    measured = {}
+    try:
+        for label, (tp, pp) in LAYOUTS.items():
+            started = time.monotonic()
+            megatron_model.init_model_parallel(tp, pp)
+            try:
+                measured[label] = _run_layout(cases)
+            finally:
+                megatron_model.destroy_model_parallel()  # a different tp/pp needs fresh groups
+            measured[label]["seconds"] = time.monotonic() - started
+        torch.save(measured, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_layout(cases: dict[str, dict[str, str]]) -> dict:
+    """This rank's DP group, and per model its last-stage logits (or None) and its stage's export."""
+    from megatron.core import parallel_state
+    from transformers import AutoConfig
+
+    from actors.trainer.megatron.model import build_gpt_model
     from actors.trainer.megatron.weights import export_hf_state_dict, load_hf_state_dict, read_hf_weights
 
-    apply_cpu_shims()
-    megatron_model.init_model_parallel(tp, pp)
-    try:
-        for name, case in cases.items():
-            hf_config = AutoConfig.from_pretrained(case["model"])
-            model = megatron_model.build_gpt_model(hf_config, torch.float32, "cpu")
-            load_hf_state_dict(model, read_hf_weights(case["model"]), hf_config)
-            tokens = torch.load(case["reference"])["tokens"]
-            result = {"logits": _last_stage_logits(model, tokens, hf_config.vocab_size),
-                      "exported": export_hf_state_dict(model, hf_config)}
-            torch.save(result, f"{out_dir}/{name}.rank{rank}.pt")
-    finally:
-        megatron_model.destroy_model_parallel()
-        dist.destroy_process_group()
+    models = {}
+    for name, case in cases.items():
+        hf_config = AutoConfig.from_pretrained(case["model"])
+        model = build_gpt_model(hf_config, torch.float32, "cpu")
+        load_hf_state_dict(model, read_hf_weights(case["model"]), hf_config)
+        tokens = torch.load(case["reference"])["tokens"]
+        models[name] = {"logits": _last_stage_logits(model, tokens, hf_config.vocab_size),
+                        "exported": export_hf_state_dict(model, hf_config)}
+    return {"dp_rank": parallel_state.get_data_parallel_rank(), "models": models}
 
 
 def _last_stage_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
@@ -172,18 +194,39 @@ def _check_export(results: list[dict], model_dir: str) -> None:
         assert union[name].dtype == tensor.dtype and torch.equal(union[name], tensor), name
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_megatron_logits_and_export_match_hf(cases, layout, tmp_path):
-    tp, pp = LAYOUTS[layout]
+@pytest.fixture(scope="module")
+def measured(cases, tmp_path_factory) -> list[dict]:
+    """Each rank's results (layout -> its DP group, seconds, per model logits and export), from one spawn."""
+    out_dir = tmp_path_factory.mktemp("megatron-model-ranks")
     started = time.monotonic()
-    mp.spawn(_rank, args=(tp * pp, _free_port(), tp, pp, cases, str(tmp_path)), nprocs=tp * pp, join=True)
-    seconds = time.monotonic() - started
+    mp.spawn(_rank, args=(_free_port(), cases, str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    print(json.dumps({"spawn_seconds": round(time.monotonic() - started, 1), "ranks": WORLD_SIZE}))
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+
+def _dp_groups(measured: list[dict], layout: str) -> list[list[dict]]:
+    """The layout's results split into its DP groups (independent replicas), each with all its tp*pp ranks."""
+    tp, pp = LAYOUTS[layout]
+    groups: dict[int, list[dict]] = {}
+    for rank_results in measured:
+        groups.setdefault(rank_results[layout]["dp_rank"], []).append(rank_results[layout])
+    assert sorted(groups) == list(range(WORLD_SIZE // (tp * pp)))
+    assert all(len(group) == tp * pp for group in groups.values())
+    return [groups[dp_rank] for dp_rank in sorted(groups)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_megatron_logits_and_export_match_hf(cases, measured, layout):
     diffs = {}
-    for name, case in cases.items():
-        results = [torch.load(tmp_path / f"{name}.rank{rank}.pt") for rank in range(tp * pp)]
-        diffs[name] = _check_logits(results, torch.load(case["reference"]))
-        _check_export(results, case["model"])
-    print(json.dumps({"layout": layout, "spawn_seconds": round(seconds, 1), "max_rel_logit_diff": diffs}))
+    for group in _dp_groups(measured, layout):
+        for name, case in cases.items():
+            results = [rank_results["models"][name] for rank_results in group]
+            diff = _check_logits(results, torch.load(case["reference"]))
+            diffs[name] = max(diffs.get(name, 0.0), diff)
+            _check_export(results, case["model"])
+    seconds = max(rank_results[layout]["seconds"] for rank_results in measured)
+    print(json.dumps({"layout": layout, "seconds_in_shared_spawn": round(seconds, 1),
+                      "max_rel_logit_diff": diffs}))
 
 
 # -- refusals ----------------------------------------------------------------------------

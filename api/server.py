@@ -176,6 +176,8 @@ class Handlers:
 
     async def healthz(self, request: web.Request) -> web.Response:
         status = await self.call(request, ClusterStatusReq(), timeout=HEALTH_TIMEOUT_S)
+        if status.failed:  # not "still starting": it will not get better by waiting
+            raise HttpError(500, f"cluster failed: {status.detail}")
         if not status.ready:
             raise HttpError(503, status.detail or f"cluster not ready; workers: {status.workers}")
         return json_response({"status": "ok"})

@@ -448,6 +448,7 @@ class ClusterStatusResp(Message):
     model_name: str
     workers: dict[str, str] = field(default_factory=dict)  # name -> state
     detail: str = ""
+    failed: bool = False  # a worker failed: the cluster will not become ready (detail says why)
 
 
 @message

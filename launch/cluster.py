@@ -229,6 +229,9 @@ class Cluster:
                 with urllib.request.urlopen(f"{self.base_url}/api/v1/healthz", timeout=5) as resp:
                     if resp.status == 200:
                         return
+            except urllib.error.HTTPError as exc:
+                if exc.code == 500:  # the controller knows a worker failed: waiting will not help
+                    raise ClusterFailed(_detail_of(exc)) from None
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)  # a poll is cheap, and every tenth of a second counts in a cold start
@@ -263,6 +266,17 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
+
+
+class ClusterFailed(RuntimeError):
+    """The cluster reported a failure while starting (a worker that is alive but unusable)."""
+
+
+def _detail_of(exc: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(exc.read())["detail"]
+    except (ValueError, KeyError, TypeError):
+        return f"healthz answered {exc.code}"
 
 
 class ChildDied(RuntimeError):
@@ -303,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tinkerd: shutting down", flush=True)
         return 0
-    except (ChildDied, TimeoutError) as exc:
+    except (ChildDied, ClusterFailed, TimeoutError) as exc:
         print(f"tinkerd: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:

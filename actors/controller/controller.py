@@ -286,7 +286,7 @@ class Controller:
     def handle_ClusterStatusReq(self, req: ClusterStatusReq) -> ClusterStatusResp:
         return ClusterStatusResp(ready=self.workers.ready.is_set() and not self.workers.failure,
                                  model_name=self.config.model.name, workers=self.workers.describe(),
-                                 detail=self.workers.failure or "")
+                                 detail=self.workers.failure or "", failed=bool(self.workers.failure))
 
 
 def run_controller_process(config: ClusterConfig) -> None:

@@ -84,11 +84,15 @@ def fwdbwd_body(model_id: str, seq_id: int = 1, loss_fn: str = "cross_entropy") 
 
 def test_auth_config_and_health(tmp_path):
     async def scenario():
-        async with api_stack(make_config(tmp_path)) as (http, _):
+        async with api_stack(make_config(tmp_path)) as (http, controller):
             await expect_error(await http.post("/api/v1/create_session", json={}), 401, "X-API-Key")
             await expect_error(await http.post("/api/v1/create_session", json={},
                                                headers={"x-api-key": "sk-nope"}), 401)
             await expect_error(await http.get("/api/v1/healthz"), 503)  # no workers: not ready
+            controller.workers.failure = "trainer 1 reports coordinates RankCoords(dp=0, tp=1, pp=0), but ..."
+            # a failure is not "starting": the launcher stops waiting at once
+            await expect_error(await http.get("/api/v1/healthz"), 500, "cluster failed: trainer 1 reports coordinates")
+            controller.workers.failure = None
             config = await (await http.post("/api/v1/client/config", json={}, headers=KEY)).json()
             assert config == {"sample_use_retrieve_futures": True}
             dynamic = await (await http.post("/api/v1/client/dynamic_config", json={}, headers=KEY)).json()

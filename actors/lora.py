@@ -136,8 +136,57 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         return out + delta.reshape(out.shape)
 
 
-class LoraSlots:
-    """Owns the MultiLoraLinear modules of one model and the slot bookkeeping."""
+class SlotOwner:
+    """The slot bookkeeping every owner of a model's LoRA layers shares (LoraSlots below,
+    megatron's MegatronLoraSlots). A subclass sets `num_slots`, `max_rank`, `selection` and
+    `specs` and provides `module_shapes()` (the whole model's targets, in HF order),
+    `named_slot_params()`, `layers_with_kind()` (each layer that has `set_slot`, with the
+    module kind it adapts) and `_write_fresh_a(slot, rank, path, a)` (a fresh full A, for
+    the modules this owner holds; the others are skipped)."""
+
+    num_slots: int
+    max_rank: int
+    selection: AdapterSelection
+    specs: dict[int, LoraSpec]
+
+    def validate(self, spec: LoraSpec) -> None:
+        validate_lora_spec(spec, self.max_rank)
+
+    @torch.no_grad()
+    def init_slot(self, slot: int, spec: LoraSpec) -> None:
+        """Fresh adapter: A ~ kaiming-uniform (as PEFT does), B = 0, so outputs are unchanged."""
+        self._configure(slot, spec)
+        for path, a in draw_lora_a(spec, self.module_shapes()):
+            self._write_fresh_a(slot, spec.rank, path, a)
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.specs.pop(slot, None)
+        for _, layer in self.layers_with_kind():
+            layer.set_slot(slot, 0, 0.0)
+        for p in self.named_slot_params().values():
+            p[slot].zero_()
+            if p.grad is not None:
+                p.grad[slot].zero_()
+
+    @torch.no_grad()
+    def _configure(self, slot: int, spec: LoraSpec) -> None:
+        if not 0 < slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range 1..{self.num_slots - 1}")
+        self.validate(spec)
+        self.clear_slot(slot)
+        self.specs[slot] = spec
+        for kind, layer in self.layers_with_kind():
+            if trains_kind(spec, kind):
+                layer.set_slot(slot, spec.rank, spec.alpha / spec.rank)
+
+    def use(self, slots: int | torch.Tensor):
+        """Run the model with one slot for the whole batch, or one slot per batch row."""
+        return self.selection.use(slots)
+
+
+class LoraSlots(SlotOwner):
+    """Owns the MultiLoraLinear modules of one model (and, from SlotOwner, the slot bookkeeping)."""
 
     def __init__(self, model: nn.Module, num_slots: int, max_rank: int):
         self.model = model
@@ -161,42 +210,12 @@ class LoraSlots:
 
     # -- slots -------------------------------------------------------------------------
 
-    def validate(self, spec: LoraSpec) -> None:
-        validate_lora_spec(spec, self.max_rank)
+    def layers_with_kind(self) -> list[tuple[str, MultiLoraLinear]]:
+        return [(module_kind(path), m) for path, m in self.modules.items()]
 
-    @torch.no_grad()
-    def init_slot(self, slot: int, spec: LoraSpec) -> None:
-        """Fresh adapter: A ~ kaiming-uniform (as PEFT does), B = 0, so outputs are unchanged."""
-        self._configure(slot, spec)
-        for path, a in draw_lora_a(spec, self.module_shapes()):
-            m = self.modules[path]
-            m.lora_A[slot, : spec.rank] = a.to(m.lora_A.dtype)
-
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        self.specs.pop(slot, None)
-        for m in self.modules.values():
-            m.lora_A[slot].zero_()
-            m.lora_B[slot].zero_()
-            m.set_slot(slot, 0, 0.0)
-            for p in (m.lora_A, m.lora_B):
-                if p.grad is not None:
-                    p.grad[slot].zero_()
-
-    @torch.no_grad()
-    def _configure(self, slot: int, spec: LoraSpec) -> None:
-        if not 0 < slot < self.num_slots:
-            raise ValueError(f"slot {slot} out of range 1..{self.num_slots - 1}")
-        self.validate(spec)
-        self.clear_slot(slot)
-        self.specs[slot] = spec
-        for path, m in self.modules.items():
-            if trains_kind(spec, module_kind(path)):
-                m.set_slot(slot, spec.rank, spec.alpha / spec.rank)
-
-    def use(self, slots: int | torch.Tensor):
-        """Run the model with one slot for the whole batch, or one slot per example."""
-        return self.selection.use(slots)
+    def _write_fresh_a(self, slot: int, rank: int, path: str, a: torch.Tensor) -> None:
+        m = self.modules[path]
+        m.lora_A[slot, :rank] = a.to(m.lora_A.dtype)
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.named_slot_params().values())

@@ -50,7 +50,12 @@ def trains_kind(spec: LoraSpec, kind: str) -> bool:
 
 def lora_tensor_names(path: str) -> tuple[str, str]:
     """The PEFT names of a module's A and B tensors."""
-    return f"{PEFT_PREFIX}{path}.lora_A.weight", f"{PEFT_PREFIX}{path}.lora_B.weight"
+    return peft_name(f"{path}.lora_A"), peft_name(f"{path}.lora_B")
+
+
+def peft_name(slot_tensor: str) -> str:
+    """`<hf path>.lora_A` (how the backends name a slot tensor) -> its PEFT tensor name."""
+    return f"{PEFT_PREFIX}{slot_tensor}.weight"
 
 
 def expected_lora_shapes(spec: LoraSpec, module_shapes: Mapping[str, tuple[int, int]]

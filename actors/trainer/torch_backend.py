@@ -60,13 +60,12 @@ class TorchTrainerBackend(SlotTensorBackend):
         if self.rank != EXPORTING_RANK:
             return None
         spec = self.slots.specs[slot]
-        tensors = {name: to_numpy_f32(t) for name, t in self.slots.export_slot(slot).items()}
+        slices = self._peft_param_slices(spec, slot)  # one copy each, straight into float32 arrays
+        tensors = {name: to_numpy_f32(self.optimizer.params[param][index]) for name, (param, index) in slices.items()}
         if not with_optimizer:
             return SlotState(spec, tensors)
-        moments = {}
-        for name, (param, index) in self._peft_param_slices(spec, slot).items():
-            for moment in MOMENTS:
-                moments[f"{name}.{moment}"] = to_numpy_f32(getattr(self.optimizer, moment)[param][index])
+        moments = {f"{name}.{moment}": to_numpy_f32(getattr(self.optimizer, moment)[param][index])
+                   for name, (param, index) in slices.items() for moment in MOMENTS}
         return SlotState(spec, tensors, moments, self.optimizer.steps[slot])
 
     @torch.no_grad()

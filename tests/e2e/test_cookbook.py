@@ -63,12 +63,18 @@ def assert_completed(proc, cluster, log_path: Path) -> dict:
     return final
 
 
-def test_sl_loop_pig_latin_loss_falls(cluster, cookbook_hf_home, tmp_path):
+def run_pig_latin_sl_loop(cluster, hf_home: Path, tmp_path: Path, repeats: int):
+    """sl_loop on the Pig Latin chats (WORDS `repeats` times, batches of 8): (proc, metrics, rows)."""
     rows = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": pig_latin(w)}]}
-            for w in WORDS * 3]
+            for w in WORDS * repeats]
     data = write_jsonl(tmp_path / "pig_latin.jsonl", rows)
-    proc, metrics = run_recipe(cluster, cookbook_hf_home, tmp_path, "sl", data,
+    proc, metrics = run_recipe(cluster, hf_home, tmp_path, "sl", data,
                                "batch_size=8", "learning_rate=5e-3", "max_length=128")
+    return proc, metrics, rows
+
+
+def test_sl_loop_pig_latin_loss_falls(cluster, cookbook_hf_home, tmp_path):
+    proc, metrics, rows = run_pig_latin_sl_loop(cluster, cookbook_hf_home, tmp_path, repeats=3)
     nll = [m["train_mean_nll"] for m in metrics]
     assert len(nll) == len(rows) // 8, (nll, proc.stderr[-4000:])
     assert all(math.isfinite(x) for x in nll), nll
@@ -79,8 +85,7 @@ def test_sl_loop_pig_latin_loss_falls(cluster, cookbook_hf_home, tmp_path):
 
     # run again in the same log_path: the recipe resumes from its final checkpoint
     # (create_training_client_from_state_with_optimizer), has no batch left, and saves again
-    proc, metrics = run_recipe(cluster, cookbook_hf_home, tmp_path, "sl", data,
-                               "batch_size=8", "learning_rate=5e-3", "max_length=128")
+    proc, metrics, _ = run_pig_latin_sl_loop(cluster, cookbook_hf_home, tmp_path, repeats=3)
     assert f"Resuming from batch {len(nll)}" in proc.stdout + proc.stderr, proc.stderr[-4000:]
     assert len(metrics) == len(nll)
     again = assert_completed(proc, cluster, tmp_path / "sl-run")

@@ -109,15 +109,10 @@ def test_tp2_save_state_resumes_exactly_with_the_optimizer(tp2):
 
 
 def test_tp2_cookbook_sl_loop(tp2, cookbook_hf_home, tmp_path):
-    from tests.e2e.test_cookbook import assert_completed, run_recipe, write_jsonl
-    from tests.e2e.pig_latin import pig_latin
+    from tests.e2e.test_cookbook import assert_completed, run_pig_latin_sl_loop
 
     running, _ = tp2
-    rows = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": pig_latin(w)}]}
-            for w in WORDS * 2]
-    data = write_jsonl(tmp_path / "pig_latin.jsonl", rows)
-    proc, metrics = run_recipe(running, cookbook_hf_home, tmp_path, "sl", data,
-                               "batch_size=8", "learning_rate=5e-3", "max_length=128")
+    proc, metrics, rows = run_pig_latin_sl_loop(running, cookbook_hf_home, tmp_path, repeats=2)
     nll = [m["train_mean_nll"] for m in metrics]
     assert len(nll) == len(rows) // 8 and nll[-1] < nll[0], (nll, proc.stderr[-4000:])
     assert_completed(proc, running, tmp_path / "sl-run")

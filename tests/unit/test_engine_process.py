@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -26,17 +25,12 @@ from cluster.messages import (
     WorkerReadyEvent,
 )
 from cluster.transport import BlockingPeer
+from launch.cluster import free_port
 
 TIMEOUT_MS = 60_000
 ENGINE = b"engine-0"
 UNEMBED_ONLY = LoraSpec(rank=4, alpha=8.0, train_attn=False, train_mlp=False, train_unembed=True)
 _call_ids = itertools.count(1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unembed_adapter(model_dir, seed: int) -> dict[str, np.ndarray]:
@@ -80,8 +74,8 @@ def zmq_ctx():
 
 def _launch(model_dir, tmp_path, zmq_ctx, index: int = 0) -> tuple[subprocess.Popen, BlockingPeer, str]:
     """Start engine `index` of a one-engine cluster (2 adapter slots); the test binds the controller ROUTER."""
-    worker_address = f"tcp://127.0.0.1:{_free_port()}"
-    weights_address = f"tcp://127.0.0.1:{_free_port()}"
+    worker_address = f"tcp://127.0.0.1:{free_port()}"
+    weights_address = f"tcp://127.0.0.1:{free_port()}"
     config = ClusterConfig(state_dir=str(tmp_path), model=ModelConfig(path=str(model_dir), name="tiny"),
                            controller=ControllerConfig(worker_address=worker_address),
                            engine=EngineConfig(count=1, max_adapters=2, max_lora_rank=8,

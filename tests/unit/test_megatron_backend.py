@@ -22,7 +22,6 @@ Tolerance 1e-4 (fp32), relative to each quantity's scale.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from tests.megatron_cases import llama_config, qwen2_config, save_randomized  # 
 
 from cluster.config import ClusterConfig, ModelConfig, TrainerConfig  # noqa: E402
 from cluster.messages import AdamParams, DatumBatch, LoraSpec  # noqa: E402
+from launch.cluster import free_port  # noqa: E402
 
 SPEC = LoraSpec(rank=4, alpha=8.0, seed=11)
 OTHER = LoraSpec(rank=2, alpha=2.0, train_mlp=False, seed=12)
@@ -258,12 +258,6 @@ def _rank(rank: int, world_size: int, port: int, cases: dict, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _assert_within_tolerance(table: dict[str, dict[str, float]]) -> None:
     print(json.dumps(table, indent=1))  # the parity table (layout/model -> quantity -> max scaled difference)
     worst = {key: max(diffs.values()) for key, diffs in table.items()}
@@ -292,7 +286,7 @@ def test_tp1_equals_the_torch_backend(cases, tmp_path):
 
 
 def test_four_rank_layouts_equal_the_torch_backend(cases, tmp_path):
-    mp.spawn(_rank, args=(4, _free_port(), cases, str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_rank, args=(4, free_port(), cases, str(tmp_path)), nprocs=4, join=True)
     table = {}
     for rank in range(4):
         for key, diffs in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():

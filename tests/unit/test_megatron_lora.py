@@ -14,7 +14,6 @@ lm_head with padded vocab) and compare them, with adapters, to HF-shaped merged 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -26,8 +25,9 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from actors.lora import BASE_SLOT, LoraSlots  # noqa: E402
-from actors.peft import module_kind, trains_kind  # noqa: E402
+from actors.peft import module_kind, target_module_names, trains_kind  # noqa: E402
 from cluster.messages import LoraSpec  # noqa: E402
+from launch.cluster import free_port  # noqa: E402
 
 TP_SIZES = (1, 2)
 WORLD_SIZE = 2  # dp2 x tp1, then tp2
@@ -311,7 +311,7 @@ def _export_checks(slots, adapters) -> dict:
         inits[tag] = slots.export_slot(1)
     slots.clear_slot(1)
     return {"export_mismatches": mismatches, "init_exports": inits,
-            "tp_sharded": sorted(slots.tp_sharded_param_names()), "targets": slots.target_module_names(SPECS[3])}
+            "tp_sharded": sorted(slots.tp_sharded_param_names()), "targets": target_module_names(SPECS[3], slots.module_shapes())}
 
 
 def _broken_adapters_accepted(slots, adapter: dict[str, torch.Tensor]) -> list[str]:
@@ -462,17 +462,11 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> dict[int, list[dict]]:
     """Per TP size, each rank's measurements (at TP1, both ranks are replicas)."""
     out_dir = tmp_path_factory.mktemp("megatron-lora-ranks")
-    mp.spawn(_rank_main, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_rank_main, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     per_rank = [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
     return {tp: [rank_results[tp] for rank_results in per_rank] for tp in TP_SIZES}
 

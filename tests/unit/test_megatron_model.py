@@ -23,7 +23,6 @@ checkpoint, bit for bit.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from transformers import LlamaConfig, MistralConfig, Qwen3Config  # noqa: E402
 from actors.model_loading import load_causal_lm  # noqa: E402
 from tests.megatron_cases import LLAMA3_ROPE, llama_config, qwen2_config, qwen3_config, save_randomized  # noqa: E402
 from tests.numerics import assert_close_at_scale  # noqa: E402
+from launch.cluster import free_port  # noqa: E402
 
 WORLD_SIZE = 4
 LAYOUTS = {"dp4": (1, 1), "dp2-tp2": (2, 1), "dp2-pp2": (1, 2), "tp2-pp2": (2, 2)}  # label -> (tp, pp)
@@ -157,12 +157,6 @@ def _last_stage_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Te
     return torch.cat(shards, dim=-1)[..., :vocab_size]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- the checks --------------------------------------------------------------------------
 
 def _check_logits(results: list[dict], reference: dict) -> float:
@@ -199,7 +193,7 @@ def measured(cases, tmp_path_factory) -> list[dict]:
     """Each rank's results (layout -> its DP group, seconds, per model logits and export), from one spawn."""
     out_dir = tmp_path_factory.mktemp("megatron-model-ranks")
     started = time.monotonic()
-    mp.spawn(_rank, args=(_free_port(), cases, str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_rank, args=(free_port(), cases, str(out_dir)), nprocs=WORLD_SIZE, join=True)
     print(json.dumps({"spawn_seconds": round(time.monotonic() - started, 1), "ranks": WORLD_SIZE}))
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from actors.trainer.torch_backend import TorchTrainerBackend
 from cluster.config import ClusterConfig, ModelConfig, TrainerConfig
 from cluster.messages import AdamParams, DatumBatch, LoraSpec
 from tests.numerics import assert_close_at_scale
+from launch.cluster import free_port
 
 SLOT = 1
 SPEC = LoraSpec(rank=8, alpha=16.0, seed=1234)
@@ -234,14 +234,8 @@ def _dp_rank(rank: int, world_size: int, port: int, model_dir: str, out_dir: str
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_dp_ranks_match_one_rank_with_all_datums(builtin_model_dir, tmp_path):
-    mp.spawn(_dp_rank, args=(2, _free_port(), str(builtin_model_dir), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dp_rank, args=(2, free_port(), str(builtin_model_dir), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     single = TorchTrainerBackend(_config(builtin_model_dir))

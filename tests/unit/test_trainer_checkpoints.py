@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from actors.trainer.checkpoint_files import OPTIMIZER_FILE
 from actors.trainer.torch_backend import TorchTrainerBackend
 from cluster.config import ClusterConfig, ModelConfig, TrainerConfig
 from cluster.messages import AdamParams, DatumBatch, LoraSpec
+from launch.cluster import free_port
 
 SPEC = LoraSpec(rank=4, alpha=8.0, seed=11)
 OTHER_SPEC = LoraSpec(rank=8, alpha=16.0, train_unembed=False, seed=5)  # another rank, other targets
@@ -249,7 +249,7 @@ def test_worker_handlers_only_rank_zero_writes(trained, tmp_path, monkeypatch):
     from cluster.messages import TrainerLoadStateReq, TrainerLoadStateResp, TrainerSaveStateReq
 
     config = _config("unused")
-    config.controller = ControllerConfig(worker_address=f"tcp://127.0.0.1:{_free_port()}")
+    config.controller = ControllerConfig(worker_address=f"tcp://127.0.0.1:{free_port()}")
     for rank in (1, 0):
         worker = TrainerWorker(config, rank=rank, world_size=1)
         monkeypatch.setattr(trained["backend"], "rank", rank)  # the backend decides who exports
@@ -272,12 +272,6 @@ def test_worker_handlers_only_rank_zero_writes(trained, tmp_path, monkeypatch):
 
 
 # -- data parallelism: the ranks agree before any of them loads -------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_load_another_dp_rank_rejects_changes_nothing(trained, monkeypatch):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 import subprocess
 import sys
 
@@ -24,19 +23,14 @@ from cluster.messages import (
     TrainerOptimStepReq, TrainerPushAdapterReq, WorkerFailedEvent, WorkerReadyEvent,
 )
 from cluster.transport import BlockingPeer
+from launch.cluster import free_port
 
 TIMEOUT_MS = 60_000
 _call_ids = itertools.count(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_config(tmp_path, model_path: str, ranks: int = 1) -> tuple[str, str]:
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     config = ClusterConfig(state_dir=str(tmp_path), model=ModelConfig(path=model_path, name="tiny"),
                            controller=ControllerConfig(worker_address=address),
                            trainer=TrainerConfig(ranks=ranks, max_adapters=2, max_lora_rank=8))
@@ -51,7 +45,7 @@ def _launch(config_path: str, ranks: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "actors.trainer.main", "--config", config_path]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-               "--master-port", str(_free_port()), "-m", "actors.trainer.main", "--config", config_path]
+               "--master-port", str(free_port()), "-m", "actors.trainer.main", "--config", config_path]
     return subprocess.Popen(cmd, env=env)
 
 
@@ -97,7 +91,7 @@ def zmq_ctx():
 def test_single_rank_serves_requests_and_pushes_adapters(builtin_model_dir, tmp_path, zmq_ctx):
     config_path, address = _write_config(tmp_path, str(builtin_model_dir))
     router = BlockingPeer(zmq_ctx, zmq.ROUTER, address, bind=True)
-    engine_address = f"tcp://127.0.0.1:{_free_port()}"
+    engine_address = f"tcp://127.0.0.1:{free_port()}"
     engine = BlockingPeer(zmq_ctx, zmq.ROUTER, engine_address, bind=True)
     proc = _launch(config_path, ranks=1)
     try:

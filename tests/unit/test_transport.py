@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 
 import numpy as np
@@ -25,12 +24,11 @@ from cluster.messages import (
 )
 from cluster.parallel import ParallelDims
 from cluster.transport import AsyncPeer, BlockingPeer, RemoteError
+from launch.cluster import free_port
 
 
 def _address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def _request_with_arrays() -> TrainerForwardBackwardReq:

@@ -29,7 +29,7 @@ from megatron.core import parallel_state, tensor_parallel
 from transformers import AutoConfig
 
 from actors.model_loading import DTYPES
-from actors.peft import lora_tensor_names, module_kind, trains_kind
+from actors.peft import module_kind, peft_name, trains_kind
 from actors.trainer.checkpoint_files import MOMENTS, SlotState
 from actors.trainer.interface import SlotTensorBackend, all_reduce_sum, to_numpy_f32
 from actors.trainer.megatron.cpu_shims import apply_cpu_shims
@@ -127,7 +127,7 @@ class MegatronTrainerBackend(SlotTensorBackend):
         for suffix, tensors in sources.items():
             local = {name: self._at_rank(tensors[name], name, slot, spec.rank) for name in names}
             for name, full in self.slots.gather_full(local).items():
-                stage[_peft_key(name) + suffix] = full.float().cpu().numpy()
+                stage[peft_name(name) + suffix] = full.float().cpu().numpy()
         if self.coords.tp != 0:
             return None
         stages = [stage]
@@ -148,7 +148,7 @@ class MegatronTrainerBackend(SlotTensorBackend):
             return
         for name in self._local_names(state.spec):
             for moment in MOMENTS:
-                full = torch.from_numpy(np.array(state.moments[f"{_peft_key(name)}.{moment}"]))
+                full = torch.from_numpy(np.array(state.moments[f"{peft_name(name)}.{moment}"]))
                 target = self._at_rank(getattr(self.optimizer, moment)[name], name, slot, state.spec.rank)
                 target.copy_(self.slots.local_shard(name, full).to(target.dtype))
         self.optimizer.steps[slot] = state.step
@@ -196,12 +196,6 @@ class MegatronTrainerBackend(SlotTensorBackend):
         if self.dims.pp > 1:
             dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         return float(total.sqrt())
-
-
-def _peft_key(name: str) -> str:
-    """`<hf path>.lora_A` -> its PEFT tensor name."""
-    path, kind = name.rsplit(".", 1)
-    return lora_tensor_names(path)[KINDS.index(kind)]
 
 
 

@@ -2,9 +2,10 @@
 
 `wrap_gpt_model` replaces each decoder layer's linear_qkv / linear_proj / linear_fc1 /
 linear_fc2, and the output_layer on the last pipeline stage, with the multi-adapter
-wrappers of lora_layers.py, and returns a `MegatronLoraSlots` that owns them. Its API
-mirrors actors/lora.LoraSlots (validate, init_slot, clear_slot, load_slot, export_slot,
-use, target_module_names), with what tensor and pipeline parallelism add:
+wrappers of lora_layers.py, and returns a `MegatronLoraSlots` that owns them. Like
+actors/lora.LoraSlots it is an actors/lora.SlotOwner (validate, init_slot, clear_slot,
+use come from there) with load_slot and export_slot, and adds what tensor and pipeline
+parallelism need:
 
 - Each wrapper holds this rank's shard of canonical adapters (one per HF linear:
   q/k/v/o_proj, gate/up/down_proj, lm_head). Slot tensors are named like the torch
@@ -16,7 +17,7 @@ use, target_module_names), with what tensor and pipeline parallelism add:
   gathered over TP (a collective: every TP rank calls it); the stages' exports together
   are the whole adapter.
 - `init_slot` equals the torch backend's bit for bit at any TP/PP: A is drawn in full for
-  every HF module in HF order from one generator seeded with spec.seed (`draw_lora_a`, so
+  every HF module in HF order from one generator seeded with spec.seed (`actors/lora.draw_lora_a`, so
   every rank consumes the same stream, other stages' layers included), then sliced.
 """
 
@@ -28,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from actors.lora import AdapterSelection, draw_lora_a, validate_lora_spec
-from actors.peft import PEFT_PREFIX, expected_lora_shapes, lora_tensor_names, module_kind, trains_kind
+from actors.lora import AdapterSelection, SlotOwner
+from actors.peft import check_tensors, expected_lora_shapes, module_kind, peft_name, trains_kind
 from actors.trainer.megatron.lora_layers import (
     CanonicalAdapter,
     ColumnParallelLora,
@@ -58,7 +59,7 @@ def hf_lora_modules(num_layers: int, hidden_size: int, num_heads: int, num_query
     return modules + [CanonicalAdapter("lm_head", hidden_size, vocab_size)]
 
 
-class MegatronLoraSlots:
+class MegatronLoraSlots(SlotOwner):
     """Owns one model's (one PP stage's) LoRA wrappers and the slot bookkeeping.
 
     `layers` are this stage's wrappers in HF module order; `hf_modules` the whole model's
@@ -103,41 +104,12 @@ class MegatronLoraSlots:
 
     # -- slots -------------------------------------------------------------------------
 
-    def validate(self, spec: LoraSpec) -> None:
-        validate_lora_spec(spec, self.max_rank)
+    def layers_with_kind(self) -> list[tuple[str, ParallelLora]]:
+        return [(module_kind(layer.adapters[0].hf_path), layer) for layer in self.layers]
 
-    @torch.no_grad()
-    def init_slot(self, slot: int, spec: LoraSpec) -> None:
-        """Fresh adapter: A ~ kaiming-uniform (as PEFT does), B = 0, so outputs are unchanged."""
-        self._configure(slot, spec)
-        for path, a in draw_lora_a(spec, self.module_shapes()):
-            if path in self.local_adapters:
-                self._write(slot, spec.rank, f"{path}.lora_A", a)
-
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        self.specs.pop(slot, None)
-        for layer in self.layers:
-            layer.set_slot(slot, 0, 0.0)
-        for p in self.params.values():
-            p[slot].zero_()
-            if p.grad is not None:
-                p.grad[slot].zero_()
-
-    @torch.no_grad()
-    def _configure(self, slot: int, spec: LoraSpec) -> None:
-        if not 0 < slot < self.num_slots:
-            raise ValueError(f"slot {slot} out of range 1..{self.num_slots - 1}")
-        self.validate(spec)
-        self.clear_slot(slot)
-        self.specs[slot] = spec
-        for layer in self.layers:
-            if trains_kind(spec, module_kind(layer.adapters[0].hf_path)):
-                layer.set_slot(slot, spec.rank, spec.alpha / spec.rank)
-
-    def use(self, slots: int | torch.Tensor):
-        """Run the model with one slot for the whole batch, or one slot per batch row (`[b]`)."""
-        return self.selection.use(slots)
+    def _write_fresh_a(self, slot: int, rank: int, path: str, a: torch.Tensor) -> None:
+        if path in self.local_adapters:  # the model's other stages hold the rest
+            self._write(slot, rank, f"{path}.lora_A", a)
 
     def named_slot_params(self) -> dict[str, nn.Parameter]:
         """`<hf path>.lora_A` / `.lora_B` -> this rank's slot tensor, for SlotAdamW."""
@@ -146,11 +118,6 @@ class MegatronLoraSlots:
     def tp_sharded_param_names(self) -> set[str]:
         """Slot tensors split over TP (column B, row A); the others are replicated."""
         return {name for name, layout in self.layouts.items() if layout.tp_dim is not None}
-
-    def target_module_names(self, spec: LoraSpec) -> list[str]:
-        """PEFT `target_modules` of the whole model (not only this stage)."""
-        return sorted({m.hf_path.rsplit(".", 1)[-1] for m in self.hf_modules
-                       if trains_kind(spec, module_kind(m.hf_path))})
 
     # -- PEFT import / export ------------------------------------------------------------
 
@@ -169,20 +136,14 @@ class MegatronLoraSlots:
         Names and shapes are checked before the slot is touched: on error it is unchanged.
         """
         self.validate(spec)
-        expected = self.expected_peft_shapes(spec)
-        if set(tensors) != set(expected):
-            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-            raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
-        for name, shape in expected.items():
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(f"adapter tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
+        check_tensors("adapter", tensors, self.expected_peft_shapes(spec))
         self._configure(slot, spec)
         for hf_path in self.local_adapters:
             if not trains_kind(spec, module_kind(hf_path)):
                 continue
             for kind in KINDS:
-                full = torch.as_tensor(tensors[lora_tensor_names(hf_path)[KINDS.index(kind)]])
-                self._write(slot, spec.rank, f"{hf_path}.{kind}", full)
+                name = f"{hf_path}.{kind}"
+                self._write(slot, spec.rank, name, torch.as_tensor(tensors[peft_name(name)]))
 
     @torch.no_grad()
     def export_slot(self, slot: int) -> dict[str, torch.Tensor]:
@@ -193,7 +154,7 @@ class MegatronLoraSlots:
             if trains_kind(spec, module_kind(hf_path)):
                 local[f"{hf_path}.lora_A"] = self.params[f"{hf_path}.lora_A"][slot, : spec.rank]
                 local[f"{hf_path}.lora_B"] = self.params[f"{hf_path}.lora_B"][slot, :, : spec.rank]
-        return {f"{PEFT_PREFIX}{name}.weight": full for name, full in self.gather_full(local).items()}
+        return {peft_name(name): full for name, full in self.gather_full(local).items()}
 
     # -- shards ------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ TRAINER_BACKENDS = {
                              requires=("megatron.core",), extra="megatron", model_parallel=True),
 }
 ENGINE_BACKENDS = {
-    "torch": BackendEntry("actors.engine.backend:TorchEngineBackend"),
+    "torch": BackendEntry("actors.engine.torch_backend:TorchEngineBackend"),
 }
 _REGISTRIES = {"trainer": TRAINER_BACKENDS, "engine": ENGINE_BACKENDS}
 

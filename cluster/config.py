@@ -40,7 +40,17 @@ class ControllerConfig:
     worker_address: str = ""  # ROUTER every trainer rank and engine connects to
     session_timeout_s: float = 600.0  # sessions without a heartbeat for this long expire
     max_adapters_per_user: int | None = None  # training runs one user may hold at once; None = no limit
-    max_sampler_adapters: int = 64  # ephemeral sampler snapshots kept loaded on engines
+    # colocated training and sampling (actors/controller/residency.py): trainer and engines share the devices,
+    # and the controller switches between a sampling phase and a training phase with barriers
+    colocate: bool = False
+    # a training phase lasts until the training queue has been empty this long (so an SDK loop of
+    # forward_backward + optim_step pays the barriers once, not per request) ...
+    training_linger_ms: float = 50.0
+    # ... or, while samples wait, until it has lasted this long (training cannot starve sampling, nor sampling
+    # training: a sampling phase with training waiting lasts at most as long)
+    max_phase_ms: float = 2000.0
+    # an engine without a heartbeat for this long is dead: its samples are re-queued or failed
+    heartbeat_timeout_s: float = 10.0
 
 
 @dataclass
@@ -71,6 +81,12 @@ class EngineConfig:
     weights_addresses: list[str] = field(default_factory=list)  # one per engine
     dtype: str = "float32"
     device: str = "cpu"
+    heartbeat_interval_s: float = 1.0
+    # the sglang backend: the interpreter of SGLang's own virtualenv (launch/sglang_env.py builds one)
+    sglang_python: str = ""
+    max_loras_per_batch: int = 8  # sglang: adapters one batch may mix
+    # sglang: KV cache tokens; bounded, since on CPU SGLang would otherwise take a share of host RAM
+    max_total_tokens: int = 16384
 
 
 @dataclass

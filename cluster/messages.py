@@ -449,6 +449,8 @@ class ClusterStatusResp(Message):
     workers: dict[str, str] = field(default_factory=dict)  # name -> state
     detail: str = ""
     failed: bool = False  # a worker failed: the cluster will not become ready (detail says why)
+    # the colocation state machine: {"mode": "dedicated"} or {"mode": "colocated", "phase": …, "barriers": […]}
+    residency: dict[str, Any] = field(default_factory=dict)
 
 
 @message
@@ -681,6 +683,59 @@ class WorkerFailedEvent(Message):
 @message
 class ShutdownEvent(Message):
     pass
+
+
+@message
+class WorkerHeartbeatEvent(Message):
+    """Sent by every engine (and trainer rank) every heartbeat interval, from a thread of its own, so the
+    controller learns of a dead process within the heartbeat timeout even while the worker computes."""
+
+    role: str
+    rank: int
+    pid: int
+    memory: dict[str, float] = field(default_factory=dict)  # rss_bytes, device_allocated_bytes, …
+
+
+# ----------------------------------------------------------------------------------
+# Residency: the barriers of colocated training and sampling (actors/controller/residency.py)
+# ----------------------------------------------------------------------------------
+
+
+@message
+class EngineReleaseMemoryReq(Message):
+    """Give back memory for a training phase; only while the engine is idle (the controller drains it first).
+
+    tags: "kv_cache" (the KV cache and what lives with it, e.g. CUDA graphs), "weights" (the base model;
+    an engine whose weights are not backed up elsewhere reloads them from the model's files on resume).
+    """
+
+    tags: list[str]
+
+
+@message
+class EngineResumeMemoryReq(Message):
+    tags: list[str]
+
+
+@message
+class EngineMemoryResp(Message):
+    memory: dict[str, float] = field(default_factory=dict)  # measured after the change
+
+
+@message
+class TrainerOffloadReq(Message):
+    """Move the base weights and optimizer state off the device (a no-op where there is no device)."""
+
+
+@message
+class TrainerOnloadReq(Message):
+    pass
+
+
+@message
+class TrainerMemoryResp(Message):
+    moved: bool = False  # False: nothing to move (a CPU trainer holds no device memory)
+    memory: dict[str, float] = field(default_factory=dict)
 
 
 @message

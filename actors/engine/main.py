@@ -31,8 +31,7 @@ from typing import Any, Callable
 
 import zmq
 
-from actors.engine.adapters import AdapterSlotsBusy, UnknownAdapterError
-from actors.engine.backend import TorchEngineBackend
+from actors.engine.interface import AdapterSlotsBusy, EngineBackend, EngineBusy, UnknownAdapterError, check_residency_tags
 from cluster.backends import load_backend
 from cluster.config import ClusterConfig
 from cluster.messages import (
@@ -41,6 +40,9 @@ from cluster.messages import (
     EngineLoadAdapterFromDiskReq,
     EngineLoadAdapterReq,
     EngineLoadAdapterResp,
+    EngineMemoryResp,
+    EngineReleaseMemoryReq,
+    EngineResumeMemoryReq,
     EngineSampleReq,
     EngineSampleResp,
     EngineUnloadAdapterReq,
@@ -77,7 +79,7 @@ class EngineWorker:
                                        bind=False, identity=f"engine-{index}".encode())
         self.weights: BlockingPeer | None = None
         self.weights_address = ""
-        self.backend: TorchEngineBackend | None = None
+        self.backend: EngineBackend | None = None
         self.running = False
         self.waiting: dict[int, tuple[_Origin, EngineSampleReq]] = {}  # backend ticket -> requester
         self.deferred_loads: list[tuple[_Origin, Any]] = []
@@ -87,6 +89,8 @@ class EngineWorker:
             EngineLoadAdapterReq: self.handle_EngineLoadAdapterReq,
             EngineLoadAdapterFromDiskReq: self.handle_EngineLoadAdapterFromDiskReq,
             EngineUnloadAdapterReq: self.handle_EngineUnloadAdapterReq,
+            EngineReleaseMemoryReq: self.handle_EngineReleaseMemoryReq,
+            EngineResumeMemoryReq: self.handle_EngineResumeMemoryReq,
             ShutdownEvent: self.handle_ShutdownEvent,
         }
 
@@ -223,6 +227,14 @@ class EngineWorker:
         self.backend.unload_adapter(req.adapter_id)
         return EngineUnloadAdapterResp()
 
+    def handle_EngineReleaseMemoryReq(self, req: EngineReleaseMemoryReq, origin: _Origin) -> EngineMemoryResp:
+        self.backend.release_memory(check_residency_tags(req.tags))
+        return EngineMemoryResp(memory=self.backend.memory_stats())
+
+    def handle_EngineResumeMemoryReq(self, req: EngineResumeMemoryReq, origin: _Origin) -> EngineMemoryResp:
+        self.backend.resume_memory(check_residency_tags(req.tags))
+        return EngineMemoryResp(memory=self.backend.memory_stats())
+
     def handle_ShutdownEvent(self, event: ShutdownEvent, origin: _Origin) -> None:
         log.info("shutdown requested")
         self.running = False
@@ -235,6 +247,9 @@ def _error_resp(msg: Any, exc: Exception, index: int) -> ErrorResp | None:
     if isinstance(exc, UnknownAdapterError):
         log.info("%s: %s", name, exc)
         status, detail = 410, str(exc)
+    elif isinstance(exc, EngineBusy):
+        log.info("%s refused: %s", name, exc)
+        status, detail = 409, str(exc)
     elif isinstance(exc, ValueError):
         log.info("%s rejected: %s", name, exc)
         status, detail = 400, str(exc)

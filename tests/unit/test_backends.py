@@ -13,7 +13,7 @@ from launch.cluster import parse_args
 
 
 def test_backends_load_by_name():
-    from actors.engine.backend import TorchEngineBackend
+    from actors.engine.torch_backend import TorchEngineBackend
     from actors.trainer.interface import TrainerBackend
     from actors.trainer.torch_backend import TorchTrainerBackend
 

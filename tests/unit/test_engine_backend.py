@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.engine.adapters import AdapterSlotsBusy, UnknownAdapterError
-from actors.engine.backend import TorchEngineBackend
+from actors.engine.interface import AdapterSlotsBusy, UnknownAdapterError
+from actors.engine.torch_backend import TorchEngineBackend
 from actors.engine.prompt_scores import TOPK_SENTINEL_LOGPROB
 from actors.peft import PEFT_PREFIX, module_kind, target_module_names, trains_kind, write_peft_adapter
 from actors.model_loading import load_causal_lm

@@ -1,8 +1,8 @@
 """The torch engine backend: a transformers model, LoRA slots, batched generation.
 
-This is the engine backend interface (an SGLang backend implements the same methods):
-`load_adapter`, `load_adapter_from_disk`, `unload_adapter`, `generate`, and the
-step-wise form the engine process drives, `submit` / `step` / `abort_all`.
+It implements the engine backend interface (actors/engine/interface.py); its adapter
+bookkeeping (which adapter is in which LoRA slot, LRU eviction) is
+actors/engine/adapter_table.py.
 
 Generation is continuous batching over one left-padded KV cache (actors/engine/kv_batch.py):
 every sequence in flight (requests × samples, any adapters, any prompt lengths) shares
@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from actors.engine.adapters import AdapterTable
+from actors.engine.adapter_table import AdapterTable
+from actors.engine.interface import EngineBackend, EngineBusy, KV_CACHE, WEIGHTS, check_residency_tags
 from actors.engine.kv_batch import KvBatch, left_padded
 from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
@@ -83,7 +84,7 @@ class _Row:
     topk_logprobs: list[np.ndarray] = field(default_factory=list)
 
 
-class TorchEngineBackend:
+class TorchEngineBackend(EngineBackend):
     def __init__(self, config: ClusterConfig):
         engine = config.engine
         self.model = load_causal_lm(config.model.path, engine.dtype, engine.device)
@@ -149,6 +150,14 @@ class TorchEngineBackend:
     def loaded_adapters(self) -> list[str]:
         return self.adapters.loaded()
 
+    # -- residency (colocated training) ----------------------------------------------------
+
+    def release_memory(self, tags: list[str]) -> None:
+        raise NotImplementedError("the residency helper implements this")
+
+    def resume_memory(self, tags: list[str]) -> None:
+        raise NotImplementedError("the residency helper implements this")
+
     def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:
         """Validate spec, names, shapes and values before any slot is touched."""
         self.slots.validate(spec)
@@ -158,24 +167,6 @@ class TorchEngineBackend:
         return {name: torch.from_numpy(np.array(tensors[name], dtype=np.float32)) for name in expected}
 
     # -- generation ----------------------------------------------------------------------
-
-    def generate(self, requests: list[EngineSampleReq]) -> list[SampleResult]:
-        """Run `requests` to completion, batched together; results in request order.
-
-        For exclusive use of the backend (tests, benchmarks): the engine process
-        interleaves `submit` and `step` with its sockets instead.
-        """
-        prepared = [self._prepare(r) for r in requests]  # all validated before any is queued
-        for request in prepared:
-            self._enqueue(request)
-        results: dict[int, SampleResult] = {}
-        try:
-            while len(results) < len(prepared):
-                results.update(self.step())
-        except BaseException:
-            self.abort_all()
-            raise
-        return [results[r.ticket] for r in prepared]
 
     def submit(self, req: EngineSampleReq) -> int:
         """Queue a request; return its ticket, which `step` reports when it is done.

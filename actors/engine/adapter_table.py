@@ -1,4 +1,4 @@
-"""Which adapter lives in which LoRA slot of an engine, and which slot may be reused.
+"""The torch engine's adapter bookkeeping: which adapter lives in which LoRA slot, and which slot may be reused.
 
 Slot 0 is the bare base model; slots 1..num_slots-1 hold adapters. A slot is *pinned*
 while sample requests that use it are queued or running: it is never evicted, and an
@@ -15,18 +15,8 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
+from actors.engine.interface import AdapterSlotsBusy, UnknownAdapterError
 from actors.lora import BASE_SLOT
-
-
-class UnknownAdapterError(KeyError):
-    """Sampling an adapter this engine does not hold (never loaded, unloaded or evicted)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-class AdapterSlotsBusy(RuntimeError):
-    """Every slot is pinned by requests in flight; retry the load once one finishes."""
 
 
 class AdapterTable:

@@ -71,6 +71,27 @@ def expected_lora_shapes(spec: LoraSpec, module_shapes: Mapping[str, tuple[int, 
     return expected
 
 
+def hf_lora_module_shapes(config) -> dict[str, tuple[int, int]]:
+    """HF module path -> (in_features, out_features) of every LoRA target of a Llama-family decoder
+    (Llama, Qwen2, Qwen3), in model order, from its HF config alone (any object with the config's
+    fields as attributes): for a backend that holds no torch copy of the model to ask."""
+    hidden, heads, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    shapes = {}
+    for i in range(layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        shapes[f"{attn}.q_proj"] = (hidden, heads * head_dim)
+        shapes[f"{attn}.k_proj"] = (hidden, kv_heads * head_dim)
+        shapes[f"{attn}.v_proj"] = (hidden, kv_heads * head_dim)
+        shapes[f"{attn}.o_proj"] = (heads * head_dim, hidden)
+        shapes[f"{mlp}.gate_proj"] = (hidden, config.intermediate_size)
+        shapes[f"{mlp}.up_proj"] = (hidden, config.intermediate_size)
+        shapes[f"{mlp}.down_proj"] = (config.intermediate_size, hidden)
+    shapes["lm_head"] = (hidden, config.vocab_size)
+    return shapes
+
+
 def target_module_names(spec: LoraSpec, paths) -> list[str]:
     """PEFT's `target_modules`: the leaf names of the modules the adapter trains."""
     return sorted({p.rsplit(".", 1)[-1] for p in paths if trains_kind(spec, module_kind(p))})
@@ -109,12 +130,13 @@ def write_peft_adapter(directory: str | Path, tensors: Mapping[str, np.ndarray],
     tmp = directory / (ADAPTER_WEIGHTS_FILE + ".tmp")
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(tmp))
     tmp.replace(directory / ADAPTER_WEIGHTS_FILE)
-    config = _adapter_config(spec, target_modules, base_model)
+    config = adapter_config(spec, target_modules, base_model)
     (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return sum(f.stat().st_size for f in directory.iterdir())
 
 
-def _adapter_config(spec: LoraSpec, target_modules: list[str], base_model: str) -> dict:
+def adapter_config(spec: LoraSpec, target_modules: list[str], base_model: str) -> dict:
+    """The adapter_config.json of an adapter (what write_peft_adapter writes beside the tensors)."""
     alpha = float(spec.alpha)
     return {
         "peft_type": "LORA",

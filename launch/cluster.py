@@ -7,8 +7,11 @@ Starts, as separate processes: the controller, the API front-end, the trainer ra
 (under torchrun) and the engines; waits until the API reports every worker ready;
 prints the base_url. Each process logs to STATE_DIR/logs/<name>.log. The API holds no
 state, so when it dies it is started again (same port; clients retry meanwhile), at
-most API_RESTARTS times in API_RESTART_WINDOW_S. If any other process dies, or on
-Ctrl-C / SIGTERM, everything is torn down and the cause is named.
+most API_RESTARTS times in API_RESTART_WINDOW_S. A dead engine is started again too, at
+most ENGINE_RESTARTS times in ENGINE_RESTART_WINDOW_S: the controller has noticed its
+missing heartbeats and re-queued or failed its samples, and takes it back when it says
+it is ready. If any other process dies, or on Ctrl-C / SIGTERM, everything is torn down
+and the cause is named.
 """
 
 from __future__ import annotations
@@ -32,15 +35,20 @@ if __name__ == "__main__" and not __package__:
     # would shadow the `cluster` package; the repository root belongs there instead
     sys.path[0] = str(REPO_ROOT)
 
-from cluster.backends import TRAINER_BACKENDS, check_backend  # noqa: E402
+from cluster.backends import ENGINE_BACKENDS, TRAINER_BACKENDS, check_backend  # noqa: E402
 from cluster.config import ClusterConfig, ControllerConfig, ModelConfig, TrainerConfig  # noqa: E402
 from cluster.parallel import ParallelDims  # noqa: E402
 from cluster.process import die_with_parent  # noqa: E402
 from cluster.users import load_api_keys  # noqa: E402
+from launch.sglang_env import default_env_dir  # noqa: E402
 
 STARTUP_TIMEOUT_S = 600.0
 API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_WINDOW_S
 API_RESTART_WINDOW_S = 60.0
+# a dead engine is started again (the controller re-queues or fails its samples meanwhile), at most
+# ENGINE_RESTARTS times per engine in ENGINE_RESTART_WINDOW_S; an engine that keeps dying stops the cluster
+ENGINE_RESTARTS = 3
+ENGINE_RESTART_WINDOW_S = 600.0
 
 
 def default_state_dir() -> Path:
@@ -72,6 +80,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the longest a trainer rank may take to answer one step before the controller fails it "
                         "(a hung collective); default %(default)g")
     p.add_argument("--engines", type=int, default=1, help="sampling engine processes")
+    p.add_argument("--engine-backend", default="torch", choices=sorted(ENGINE_BACKENDS),
+                   help="torch: tinkerd's own engine (transformers model, LoRA slots); sglang: an SGLang engine "
+                        "per engine process, run from SGLang's own virtualenv (--sglang-python)")
+    p.add_argument("--sglang-python", type=Path, metavar="PATH",
+                   help="the interpreter of SGLang's virtualenv (default: the one `python -m launch.sglang_env` "
+                        "builds, if it exists)")
+    p.add_argument("--max-loras-per-batch", type=int, default=8, metavar="N",
+                   help="sglang: distinct adapters one batch may mix (default %(default)s)")
+    p.add_argument("--heartbeat-timeout", type=float, default=ControllerConfig.heartbeat_timeout_s,
+                   metavar="SECONDS", help="an engine without a heartbeat for this long is dead: its samples are "
+                                           "re-queued on another engine or failed (default %(default)g)")
     p.add_argument("--max-adapters", type=int, default=8, help="LoRA training runs held at once")
     p.add_argument("--max-lora-rank", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -94,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.trainer_timeout <= 0:
         p.error("--trainer-timeout must be positive")
     _check_trainer_layout(p, args)
+    _check_engine_backend(p, args)
     if args.api_keys_file is not None:
         try:
             load_api_keys(args.api_keys_file)  # the API process reads it again; refuse a bad one here, at once
@@ -112,6 +132,30 @@ def _check_trainer_layout(p: argparse.ArgumentParser, args: argparse.Namespace) 
     if not entry.model_parallel and (dims.tp > 1 or dims.pp > 1):
         p.error(f"the {args.trainer_backend} trainer backend runs data parallel only; --tp/--pp need "
                 f"--trainer-backend megatron")
+
+
+def _check_engine_backend(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything starts, an engine backend that cannot run from its interpreter."""
+    if args.max_loras_per_batch < 1:
+        p.error("--max-loras-per-batch must be at least 1")
+    if args.heartbeat_timeout <= 0:
+        p.error("--heartbeat-timeout must be positive")
+    entry = ENGINE_BACKENDS[args.engine_backend]
+    if not entry.own_python:
+        if args.sglang_python is not None:
+            p.error(f"--sglang-python is for --engine-backend sglang, not {args.engine_backend}")
+        return
+    if args.sglang_python is None:
+        built = default_env_dir(cuda=args.device != "cpu") / "bin" / "python"
+        if not built.exists():
+            p.error(f"--engine-backend {args.engine_backend} needs SGLang's virtualenv: build it with "
+                    f"`python -m launch.sglang_env{'' if args.device == 'cpu' else ' --cuda'}`, or pass "
+                    f"--sglang-python")
+        args.sglang_python = built
+    try:
+        check_backend("engine", args.engine_backend, python=str(args.sglang_python))
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 def _python_module(module: str, *args: str) -> str:
@@ -152,13 +196,16 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     config.controller.worker_address = f"tcp://127.0.0.1:{free_port()}"
     config.controller.session_timeout_s = args.session_timeout
     config.controller.max_adapters_per_user = args.max_adapters_per_user
+    config.controller.heartbeat_timeout_s = args.heartbeat_timeout
     config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
     config.trainer.backend, config.trainer.tp, config.trainer.pp = args.trainer_backend, args.tp, args.pp
     config.trainer.call_timeout_s = args.trainer_timeout
     config.trainer.max_lora_rank = config.engine.max_lora_rank = args.max_lora_rank
     config.trainer.device = config.engine.device = args.device
     config.trainer.dtype = config.engine.dtype = args.dtype
-    config.engine.count = args.engines
+    config.engine.count, config.engine.backend = args.engines, args.engine_backend
+    config.engine.sglang_python = str(args.sglang_python or "")
+    config.engine.max_loras_per_batch = args.max_loras_per_batch
     config.engine.weights_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(args.engines)]
     return config
 
@@ -185,11 +232,15 @@ class Cluster:
         self.log_dir = Path(config.state_dir) / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
-        self.api_restarts: list[float] = []  # when the API was restarted (monotonic)
+        self.restarts: dict[str, list[float]] = {}  # child name -> when it was restarted (monotonic)
 
     @property
     def base_url(self) -> str:
         return f"http://{self.config.api.host}:{self.config.api.port}"
+
+    def _engine_command(self, index: int) -> list[str]:
+        python = self.config.engine.sglang_python or sys.executable
+        return [python, "-m", "actors.engine.main", "--config", str(self.config_path), "--index", str(index)]
 
     def spawn(self, name: str, cmd: list[str]) -> Child:
         log_path = self.log_dir / f"{name}.log"
@@ -211,7 +262,7 @@ class Cluster:
         self.spawn("controller", [py, "-m", "actors.controller.controller", *cfg])
         self.spawn("api", self._api_command())
         for i in range(self.config.engine.count):
-            self.spawn(f"engine{i}", [py, "-m", "actors.engine.main", *cfg, "--index", str(i)])
+            self.spawn(f"engine{i}", self._engine_command(i))
         self.spawn("trainer", [py, "-m", "torch.distributed.run", "--nnodes", "1",
                                "--nproc-per-node", str(self.config.trainer.ranks),
                                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
@@ -238,22 +289,35 @@ class Cluster:
         raise TimeoutError(f"cluster not ready after {STARTUP_TIMEOUT_S:.0f} s; logs in {self.log_dir}")
 
     def supervise(self) -> None:
-        """Wait for a child to die: restart the API (stateless), give up on anything else."""
+        """Wait for a child to die: restart the API (stateless) and engines (bounded), give up on anything else."""
         while True:
             while (dead := self.dead_child()) is None:
                 time.sleep(0.2)
-            if dead.name != "api" or not self._may_restart_api():
+            restart = self._restart_command(dead)
+            if restart is None:
                 raise ChildDied(dead)
             self.children.remove(dead)
-            print(f"tinkerd: the API process exited with code {dead.proc.returncode}; restarting it "
-                  f"({len(self.api_restarts)} restart(s) in the last {API_RESTART_WINDOW_S:.0f} s; "
+            print(f"tinkerd: {dead.name} exited with code {dead.proc.returncode}; restarting it "
+                  f"({len(self.restarts[dead.name])} restart(s) in the last {self._window(dead.name):.0f} s; "
                   f"log in {dead.log_path})", flush=True)
-            self.spawn("api", self._api_command())
+            self.spawn(dead.name, restart)
 
-    def _may_restart_api(self) -> bool:
+    def _restart_command(self, dead: Child) -> list[str] | None:
+        """The command that starts `dead` again, or None if it may not be restarted (any more)."""
+        if dead.name == "api":
+            command, allowed = self._api_command(), API_RESTARTS
+        elif dead.name.startswith("engine"):
+            command, allowed = self._engine_command(int(dead.name.removeprefix("engine"))), ENGINE_RESTARTS
+        else:
+            return None
         now = time.monotonic()
-        self.api_restarts = [t for t in self.api_restarts if now - t < API_RESTART_WINDOW_S] + [now]
-        return len(self.api_restarts) <= API_RESTARTS
+        recent = [t for t in self.restarts.get(dead.name, []) if now - t < self._window(dead.name)] + [now]
+        self.restarts[dead.name] = recent
+        return command if len(recent) <= allowed else None
+
+    @staticmethod
+    def _window(name: str) -> float:
+        return API_RESTART_WINDOW_S if name == "api" else ENGINE_RESTART_WINDOW_S
 
     def stop(self, grace_s: float = 10.0) -> None:
         for child in self.children:

@@ -62,7 +62,8 @@ class Controller:
         self.store = StateStore(config.database_path)
         self.futures = FutureStore(self.store)
         self.workers = WorkerPool(self.ctx, config.controller.worker_address, config.trainer.parallel_dims(),
-                                  config.engine.count, config.trainer.call_timeout_s)
+                                  config.engine.count, config.trainer.call_timeout_s,
+                                  config.controller.heartbeat_timeout_s)
         self.stability = StabilityRecords(self.store)
         self.sampling = SamplingService(config, self.workers, self.futures, self.store, self.stability)
         self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling,

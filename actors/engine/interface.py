@@ -8,7 +8,8 @@ from one thread. It may run its own scheduler (SGLang does); the loop only
   then: ValueError for a bad request, UnknownAdapterError for an adapter it lacks),
 - calls `step()` while `has_work()`, which advances the work by a short quantum (one
   decode step, or a few milliseconds of the backend's own loop) and returns the
-  requests that finished,
+  requests that finished, each with its result or the exception it failed with alone
+  (an exception out of `step` itself fails every request in flight),
 - `abort`s one request (a cancelled sample) or all of them (a failed step, shutdown),
 - loads adapters from PEFT-named arrays (pushed by trainer rank 0) or a PEFT directory,
   and unloads them; a load may raise AdapterSlotsBusy, and the loop retries it later,
@@ -63,8 +64,8 @@ class EngineBackend(abc.ABC):
     def has_work(self) -> bool: ...
 
     @abc.abstractmethod
-    def step(self) -> list[tuple[int, SampleResult]]:
-        """Advance the work in flight by one quantum; return (ticket, result) of the requests it finished."""
+    def step(self) -> list[tuple[int, SampleResult | Exception]]:
+        """Advance the work in flight by one quantum; return (ticket, result or error) of the requests it finished."""
 
     @abc.abstractmethod
     def abort(self, ticket: int) -> bool:
@@ -89,7 +90,13 @@ class EngineBackend(abc.ABC):
         except BaseException:
             self.abort_all()
             raise
+        failed = next((r for r in results.values() if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
         return [results[t] for t in tickets]
+
+    def close(self) -> None:
+        """Stop whatever the backend started (child processes); the engine process is about to exit."""
 
     # -- adapters ------------------------------------------------------------------------
 
@@ -125,8 +132,13 @@ class EngineBackend(abc.ABC):
 
 def current_rss_bytes() -> int:
     """The resident set size of this process now (not the peak that getrusage reports)."""
+    return process_rss_bytes("self")
+
+
+def process_rss_bytes(pid: int | str) -> int:
+    """The resident set size of process `pid` now; 0 if it is gone."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return 0

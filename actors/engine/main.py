@@ -31,7 +31,10 @@ from typing import Any, Callable
 
 import zmq
 
-from actors.engine.interface import AdapterSlotsBusy, EngineBackend, EngineBusy, UnknownAdapterError, check_residency_tags
+from actors.engine.interface import (
+    AdapterSlotsBusy, EngineBackend, EngineBusy, UnknownAdapterError, check_residency_tags,
+)
+from actors.engine.sglang import cpu_shims
 from cluster.backends import load_backend
 from cluster.config import ClusterConfig
 from cluster.messages import (
@@ -52,10 +55,15 @@ from cluster.messages import (
     WorkerFailedEvent,
     WorkerReadyEvent,
 )
+from cluster.heartbeat import Heartbeat
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import BlockingPeer
 
 log = logging.getLogger(__name__)
+
+# a CPU SGLang engine's scheduler and detokenizer are spawned children that import this
+# module before anything else of theirs: the shims must be in place before sglang loads
+cpu_shims.install_if_requested()
 
 ROLE = "engine"
 FINAL_MESSAGE_LINGER_MS = 2000  # how long close() may wait for the last message to leave
@@ -80,6 +88,7 @@ class EngineWorker:
         self.weights: BlockingPeer | None = None
         self.weights_address = ""
         self.backend: EngineBackend | None = None
+        self.heartbeat: Heartbeat | None = None
         self.running = False
         self.waiting: dict[int, tuple[_Origin, EngineSampleReq]] = {}  # backend ticket -> requester
         self.deferred_loads: list[tuple[_Origin, Any]] = []
@@ -105,6 +114,9 @@ class EngineWorker:
         self.backend = load_backend("engine", self.config.engine.backend)(self.config)
         self.controller.send(WorkerReadyEvent(role=ROLE, rank=self.index, world_size=self.config.engine.count,
                                               weights_address=self.weights_address, info=self.backend.info()))
+        self.heartbeat = Heartbeat(self.ctx, self.config.controller.worker_address, ROLE, self.index,
+                                   self.config.engine.heartbeat_interval_s, self.backend.memory_stats)
+        self.heartbeat.start()
         log.info("engine %d ready, weights at %s (%s)", self.index, self.weights_address, self.backend.info())
 
     def event_loop(self) -> None:
@@ -166,7 +178,10 @@ class EngineWorker:
             return True
         for ticket, result in done:
             origin, req = self.waiting.pop(ticket)
-            self._reply(origin, req, EngineSampleResp(result=result))
+            if isinstance(result, Exception):
+                self._reply(origin, req, _error_resp(req, result, self.index))
+            else:
+                self._reply(origin, req, EngineSampleResp(result=result))
         return bool(done)
 
     def _fail_requests(self, status: int, detail: str) -> None:
@@ -190,6 +205,8 @@ class EngineWorker:
         self.controller.send(WorkerFailedEvent(role=ROLE, rank=self.index, error=detail))
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.weights is not None:
             self.weights.close()
         # not BlockingPeer.close(): it discards unsent messages (LINGER 0), and the last
@@ -274,6 +291,8 @@ def run_engine_process(config: ClusterConfig, index: int) -> int:
         worker.report_failure(exc)
         return 1
     finally:
+        if worker.backend is not None:
+            worker.backend.close()
         worker.close()
 
 

@@ -22,6 +22,7 @@ from cluster.config import ClusterConfig, ControllerConfig, EngineConfig, ModelC
 from cluster.messages import (
     EngineCancelSampleReq, EngineCancelSampleResp, EngineLoadAdapterReq, EngineLoadAdapterResp, EngineSampleReq, EngineSampleResp, EngineUnloadAdapterReq,
     EngineUnloadAdapterResp, ErrorResp, LoraSpec, SamplingParams, ShutdownEvent, WorkerFailedEvent,
+    WorkerHeartbeatEvent,
     WorkerReadyEvent,
 )
 from cluster.transport import BlockingPeer
@@ -55,9 +56,12 @@ def _send(peer: BlockingPeer, req, identity: bytes | None = None) -> int:
 
 
 def _recv(peer: BlockingPeer):
-    got = peer.recv(TIMEOUT_MS)
-    assert got is not None, "no message from the engine in time"
-    return got
+    """The engine's next message, its heartbeats (on a socket of their own) left out."""
+    while True:
+        got = peer.recv(TIMEOUT_MS)
+        assert got is not None, "no message from the engine in time"
+        if not isinstance(got[1], WorkerHeartbeatEvent):
+            return got
 
 
 def _replies(peer: BlockingPeer, count: int) -> list:

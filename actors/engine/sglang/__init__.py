@@ -1,0 +1,1 @@
+"""The SGLang engine backend (runs from SGLang's own virtualenv: launch/sglang_env.py)."""

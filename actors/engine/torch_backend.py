@@ -227,7 +227,9 @@ class TorchEngineBackend(EngineBackend):
         if missing:
             raise RuntimeError(f"reloading the weights from {self.model_path}: no {missing[:3]}")
         for name, param in params.items():
-            param.data = fresh[name].data  # taken over, not copied
+            # copied out of the loaded model, whose tensors may map the safetensors files lazily: resident now,
+            # not at the first sample
+            param.data = fresh.pop(name).data.clone()
         del fresh
         gc.collect()
 

@@ -77,8 +77,8 @@ def test_release_frees_rss_and_resume_restores_samples(engine):
           f"(-{(rss_loaded - rss_released) / MB:.0f}), resumed {rss_resumed / MB:.0f} MB, after sampling "
           f"{rss_sampled / MB:.0f} MB")
     assert rss_loaded - rss_released > 0.8 * weights  # the weights' memory went back to the OS
-    # and came back: the reloaded weights are mapped from the safetensors files, resident once read
-    assert rss_sampled - rss_released > 0.8 * weights
+    assert rss_resumed - rss_released > 0.8 * weights  # and came back
+    assert abs(rss_sampled - rss_loaded) < 0.2 * weights
     assert after == before
     assert before["lora"] != before["base"]  # the adapter matters, so the check above covers it
 

@@ -236,3 +236,17 @@ def test_a_cancelled_waiter_does_not_block_the_phase():
         assert residency.describe()["active"] == {SAMPLING: 0, TRAINING: 0}
         task.cancel()
     asyncio.run(main())
+
+
+def test_launcher_flags():
+    from launch.cluster import build_config, parse_args
+    from cluster.config import ModelConfig
+
+    args = parse_args(["--colocate", "--training-linger-ms", "10", "--max-phase-ms", "500"])
+    controller = build_config(args, ModelConfig(name="m", path="/m")).controller
+    assert (controller.colocate, controller.training_linger_ms, controller.max_phase_ms) == (True, 10, 500)
+    assert not build_config(parse_args([]), ModelConfig(name="m", path="/m")).controller.colocate
+    for bad in (["--max-phase-ms", "5"], ["--colocate", "--max-phase-ms", "0"],
+                ["--colocate", "--training-linger-ms", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

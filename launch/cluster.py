@@ -103,7 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--session-timeout", type=float, default=ControllerConfig.session_timeout_s, metavar="SECONDS",
                    help="a session without a heartbeat for this long expires and frees its adapter slots "
                         "(the SDK heartbeats every 10 s; default %(default)g)")
+    _add_colocation_args(p)
     args = p.parse_args(argv)
+    _check_colocation_args(p, args)
     if args.session_timeout <= 0:
         p.error("--session-timeout must be positive")
     if args.max_adapters_per_user is not None and args.max_adapters_per_user < 1:
@@ -120,6 +122,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ValueError as exc:
             p.error(str(exc))
     return args
+
+
+def _add_colocation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--colocate", action="store_true",
+                   help="trainer ranks and engines share the devices: the controller alternates a sampling and a "
+                        "training phase, engines releasing their memory while the trainer runs (README 'Colocation')")
+    p.add_argument("--training-linger-ms", type=float, default=ControllerConfig.training_linger_ms, metavar="MS",
+                   help="--colocate: a training phase lasts until the training queue has been empty this long "
+                        "(default %(default)g)")
+    p.add_argument("--max-phase-ms", type=float, default=ControllerConfig.max_phase_ms, metavar="MS",
+                   help="--colocate: while the other side waits, a phase ends after at most this long, once the "
+                        "call in progress finishes (default %(default)g)")
+
+
+def _check_colocation_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.training_linger_ms < 0:
+        p.error("--training-linger-ms must be >= 0")
+    if args.max_phase_ms <= 0:
+        p.error("--max-phase-ms must be positive")
+    if not args.colocate and (args.training_linger_ms != ControllerConfig.training_linger_ms
+                              or args.max_phase_ms != ControllerConfig.max_phase_ms):
+        p.error("--training-linger-ms and --max-phase-ms need --colocate")
 
 
 def _check_trainer_layout(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -197,6 +221,8 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     config.controller.session_timeout_s = args.session_timeout
     config.controller.max_adapters_per_user = args.max_adapters_per_user
     config.controller.heartbeat_timeout_s = args.heartbeat_timeout
+    config.controller.colocate = args.colocate
+    config.controller.training_linger_ms, config.controller.max_phase_ms = args.training_linger_ms, args.max_phase_ms
     config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
     config.trainer.backend, config.trainer.tp, config.trainer.pp = args.trainer_backend, args.tp, args.pp
     config.trainer.call_timeout_s = args.trainer_timeout

@@ -23,6 +23,7 @@ import zmq.asyncio
 from actors.controller.checkpoints import CheckpointService, as_str_dict
 from actors.controller.errors import ApiError
 from actors.controller.futures import FutureStore, UnknownFuture
+from actors.controller.residency import Residency
 from actors.controller.sampling import SamplingService
 from actors.controller.schema import SCHEMA_VERSION
 from actors.controller.stability import StabilityRecords
@@ -65,9 +66,12 @@ class Controller:
                                   config.engine.count, config.trainer.call_timeout_s,
                                   config.controller.heartbeat_timeout_s)
         self.stability = StabilityRecords(self.store)
-        self.sampling = SamplingService(config, self.workers, self.futures, self.store, self.stability)
+        self.residency = Residency(config.controller, self._engine_fan_out, self._trainer_fan_out,
+                                   barrier_timeout_s=config.trainer.call_timeout_s)
+        self.sampling = SamplingService(config, self.workers, self.futures, self.store, self.stability,
+                                        self.residency)
         self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling,
-                                        self.stability, self.started_at)
+                                        self.stability, self.started_at, self.residency)
         self.checkpoints = CheckpointService(self.store)
         self.sessions: dict[str, Session] = {}
         self.api = AsyncPeer(self.ctx, zmq.ROUTER, config.controller.api_address, bind=True)
@@ -96,6 +100,8 @@ class Controller:
         self.workers.start()
         self.api.start(self._on_api_message)
         tasks = [asyncio.create_task(self.training.run_executor()), asyncio.create_task(self._sweep_forever())]
+        if self.residency.colocated:
+            tasks.append(asyncio.create_task(self.residency.run(self.workers.ready.wait())))
         log.info("controller listening: api=%s workers=%s", self.api.address, self.workers.peer.address)
         try:
             await asyncio.gather(*tasks)
@@ -287,7 +293,18 @@ class Controller:
     def handle_ClusterStatusReq(self, req: ClusterStatusReq) -> ClusterStatusResp:
         return ClusterStatusResp(ready=self.workers.ready.is_set() and not self.workers.failure,
                                  model_name=self.config.model.name, workers=self.workers.describe(),
-                                 detail=self.workers.failure or "", failed=bool(self.workers.failure))
+                                 detail=self.workers.failure or "", failed=bool(self.workers.failure),
+                                 residency=self.residency.describe())
+
+    # -- residency fan-outs (actors/controller/residency.py) ----------------------------
+
+    async def _engine_fan_out(self, make_req) -> dict:
+        names = [f"engine{e.index}" for e in self.workers.engines.values()]  # engine_broadcast's order
+        return dict(zip(names, await self.workers.engine_broadcast(make_req)))
+
+    async def _trainer_fan_out(self, make_req) -> dict:
+        replies = await self.workers.trainer_broadcast(make_req)
+        return {f"trainer{rank}": reply for rank, reply in enumerate(replies)}
 
 
 def run_controller_process(config: ClusterConfig) -> None:

@@ -28,6 +28,7 @@ from typing import Callable
 
 from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
+from actors.controller.residency import Residency
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.workers import EngineHandle, WorkerFailure, WorkerPool
@@ -86,8 +87,9 @@ class _CompletionLog:
 
 class SamplingService:
     def __init__(self, config: ClusterConfig, workers: WorkerPool, futures: FutureStore, store: StateStore,
-                 stability: StabilityRecords):
+                 stability: StabilityRecords, residency: Residency | None = None):
         self.config = config
+        self.residency = residency or Residency(config.controller)
         self.stability = stability
         self.workers = workers
         self.futures = futures
@@ -228,9 +230,13 @@ class SamplingService:
         return resp
 
     async def _on_engine(self, request_id: str, engine_req: EngineSampleReq):
-        engine = self.workers.least_busy_engine()
-        self._running[request_id] = engine
-        return await self.workers.engine_call(engine_req, engine)
+        # colocated: waits while the trainer holds the devices (residency.py); dedicated: no-op
+        async with self.residency.sampling():
+            if not self.futures.is_pending(request_id):
+                raise ApiError(499, "the sample was cancelled")  # while it waited: nothing to compute
+            engine = self.workers.least_busy_engine()
+            self._running[request_id] = engine
+            return await self.workers.engine_call(engine_req, engine)
 
     async def _sample(self, request_id: str, engine_req: EngineSampleReq,
                       record: Callable[[SampleResult], None] | None) -> None:

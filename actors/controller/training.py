@@ -25,6 +25,7 @@ from actors.controller.checkpoints import expiry_for
 from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
 from actors.controller.ledger import SeqLedger
+from actors.controller.residency import Residency
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.workers import WorkerPool
@@ -73,8 +74,10 @@ class DropRunOp:
 
 class TrainingService:
     def __init__(self, config: ClusterConfig, workers: WorkerPool, futures: FutureStore,
-                 store: StateStore, sampling, stability: StabilityRecords, started_at: float):
+                 store: StateStore, sampling, stability: StabilityRecords, started_at: float,
+                 residency: Residency | None = None):
         self.config = config
+        self.residency = residency or Residency(config.controller)
         self.started_at = started_at  # unix time this controller started: older runs lost their adapters
         self.workers = workers
         self.futures = futures
@@ -274,6 +277,15 @@ class TrainingService:
 
     # -- execution ----------------------------------------------------------------------
 
+    async def _trainer_fan_out(self, reqs: list) -> list:
+        # colocated: waits while the engines hold the devices (residency.py); dedicated: no-op
+        async with self.residency.training():
+            return await self.workers.trainer_fan_out(reqs)
+
+    async def _trainer_broadcast(self, make_req) -> list:
+        async with self.residency.training():
+            return await self.workers.trainer_broadcast(make_req)
+
     async def run_executor(self) -> None:
         while True:
             op = await self._queue.get()
@@ -294,7 +306,7 @@ class TrainingService:
             self.store.forget_training_run(op.run.model_id)
 
     async def execute_CreateModelReq(self, run: TrainingRun, req: CreateModelReq) -> JsonResult:
-        await self.workers.trainer_broadcast(lambda: TrainerCreateAdapterReq(slot=run.slot, lora=run.lora))
+        await self._trainer_broadcast(lambda: TrainerCreateAdapterReq(slot=run.slot, lora=run.lora))
         return JsonResult(payload={"model_id": run.model_id})
 
     async def execute_ForwardBackwardReq(self, run: TrainingRun, req: ForwardBackwardReq) -> ForwardBackwardResult:
@@ -305,7 +317,7 @@ class TrainingService:
             shards.append(TrainerForwardBackwardReq(
                 slot=run.slot, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config,
                 forward_only=req.forward_only, batch=req.batch.select(*bounds[dims.coords(rank).dp])))
-        replies = await self.workers.trainer_fan_out(shards)
+        replies = await self._trainer_fan_out(shards)
         results = [resp.result for resp in self.workers.reporting_replies(replies)]
         return ForwardBackwardResult(
             lengths=np.concatenate([r.lengths for r in results]),
@@ -315,7 +327,7 @@ class TrainingService:
         )
 
     async def execute_OptimStepReq(self, run: TrainingRun, req: OptimStepReq) -> JsonResult:
-        replies = await self.workers.trainer_broadcast(lambda: TrainerOptimStepReq(slot=run.slot, adam=req.adam))
+        replies = await self._trainer_broadcast(lambda: TrainerOptimStepReq(slot=run.slot, adam=req.adam))
         # the norm is of the whole gradient, all-reduced: every reporting rank knows the same one
         return JsonResult(payload={"metrics": self.workers.reporting_replies(replies)[0].metrics})
 
@@ -327,7 +339,7 @@ class TrainingService:
         else:  # an ephemeral snapshot: a new immutable adapter, never written to disk
             adapter_id = f"{run.model_id}@{req.seq_id}"
         addresses = self.workers.engine_weights_addresses
-        replies = await self.workers.trainer_broadcast(lambda: TrainerPushAdapterReq(
+        replies = await self._trainer_broadcast(lambda: TrainerPushAdapterReq(
             slot=run.slot, adapter_id=adapter_id, engine_addresses=addresses, save_dir=save_dir))
         self.sampling.adapter_loaded(adapter_id, owner_session=run.session_id, disk_path=save_dir)
         if req.name is not None:
@@ -343,7 +355,7 @@ class TrainingService:
         path = self._weights_path(run, req.name)
         self._check_not_saved(path, req.overwrite)  # again: an earlier queued save may have taken it
         directory = self._checkpoint_dir(run, "weights", req.name)
-        replies = await self.workers.trainer_broadcast(
+        replies = await self._trainer_broadcast(
             lambda: TrainerSaveStateReq(slot=run.slot, directory=directory, with_optimizer=True))
         self.store.add_checkpoint(path, run.model_id, run.user, "weights", req.name, directory,
                                   replies[EXPORTING_RANK].size_bytes, expiry_for(req.ttl_seconds), req.user_metadata)
@@ -354,7 +366,7 @@ class TrainingService:
         path = self._external_path(run, req.name)
         self._check_not_saved(path, overwrite=False)
         directory = self._checkpoint_dir(run, "external_weights", req.name)
-        replies = await self.workers.trainer_broadcast(lambda: TrainerPushAdapterReq(
+        replies = await self._trainer_broadcast(lambda: TrainerPushAdapterReq(
             slot=run.slot, adapter_id=path, engine_addresses=[], save_dir=directory))
         size_bytes = replies[EXPORTING_RANK].size_bytes
         self.store.add_checkpoint(path, run.model_id, run.user, "external_weights", req.name, directory,
@@ -364,7 +376,7 @@ class TrainingService:
     async def execute_LoadWeightsReq(self, run: TrainingRun, req: LoadWeightsReq) -> JsonResult:
         checkpoint = self._loadable_checkpoint(req)
         seed = run.lora.seed if run.lora is not None else None
-        replies = await self.workers.trainer_broadcast(lambda: TrainerLoadStateReq(
+        replies = await self._trainer_broadcast(lambda: TrainerLoadStateReq(
             slot=run.slot, directory=checkpoint["directory"], with_optimizer=req.with_optimizer, seed=seed))
         run.lora = replies[EXPORTING_RANK].lora  # every rank read the same checkpoint
         self.store.set_training_run_lora(run.model_id, vars(run.lora))
@@ -372,7 +384,7 @@ class TrainingService:
 
     async def execute_DropRunOp(self, run: TrainingRun, req: DropRunOp) -> None:
         try:
-            await self.workers.trainer_broadcast(lambda: TrainerDropAdapterReq(slot=run.slot))
+            await self._trainer_broadcast(lambda: TrainerDropAdapterReq(slot=run.slot))
         finally:
             self.free_slots.append(run.slot)
 

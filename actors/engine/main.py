@@ -37,6 +37,7 @@ from actors.engine.interface import (
 from actors.engine.sglang import cpu_shims
 from cluster.backends import load_backend
 from cluster.config import ClusterConfig
+from cluster.faults import inject_fault
 from cluster.messages import (
     EngineCancelSampleReq,
     EngineCancelSampleResp,
@@ -245,11 +246,15 @@ class EngineWorker:
         return EngineUnloadAdapterResp()
 
     def handle_EngineReleaseMemoryReq(self, req: EngineReleaseMemoryReq, origin: _Origin) -> EngineMemoryResp:
-        self.backend.release_memory(check_residency_tags(req.tags))
+        tags = check_residency_tags(req.tags)
+        inject_fault(f"engine{self.index}", "EngineReleaseMemoryReq", f"EngineReleaseMemoryReq.{'+'.join(tags)}")
+        self.backend.release_memory(tags)
         return EngineMemoryResp(memory=self.backend.memory_stats())
 
     def handle_EngineResumeMemoryReq(self, req: EngineResumeMemoryReq, origin: _Origin) -> EngineMemoryResp:
-        self.backend.resume_memory(check_residency_tags(req.tags))
+        tags = check_residency_tags(req.tags)
+        inject_fault(f"engine{self.index}", "EngineResumeMemoryReq", f"EngineResumeMemoryReq.{'+'.join(tags)}")
+        self.backend.resume_memory(tags)
         return EngineMemoryResp(memory=self.backend.memory_stats())
 
     def handle_ShutdownEvent(self, event: ShutdownEvent, origin: _Origin) -> None:
@@ -266,7 +271,7 @@ def _error_resp(msg: Any, exc: Exception, index: int) -> ErrorResp | None:
         status, detail = 410, str(exc)
     elif isinstance(exc, EngineBusy):
         log.info("%s refused: %s", name, exc)
-        status, detail = 409, str(exc)
+        status, detail = 409, f"engine {index}: {exc}"
     elif isinstance(exc, ValueError):
         log.info("%s rejected: %s", name, exc)
         status, detail = 400, str(exc)

@@ -21,6 +21,9 @@ unless some request of the batch reads more.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import itertools
 import logging
 import math
@@ -87,6 +90,7 @@ class _Row:
 class TorchEngineBackend(EngineBackend):
     def __init__(self, config: ClusterConfig):
         engine = config.engine
+        self.model_path, self.dtype = config.model.path, engine.dtype
         self.model = load_causal_lm(config.model.path, engine.dtype, engine.device)
         self.device = next(self.model.parameters()).device
         self.tokenizer = load_tokenizer(config.model.tokenizer_dir or config.model.path)
@@ -105,6 +109,7 @@ class TorchEngineBackend(EngineBackend):
         self._rows: list[_Row] = []
         self._batch: KvBatch | None = None
         self._tickets = itertools.count(1)
+        self._released: set[str] = set()  # residency tags given back (release_memory)
 
     def info(self) -> dict:
         return {"vocab_size": self.vocab_size, "num_slots": self.slots.num_slots,
@@ -153,10 +158,80 @@ class TorchEngineBackend(EngineBackend):
     # -- residency (colocated training) ----------------------------------------------------
 
     def release_memory(self, tags: list[str]) -> None:
-        raise NotImplementedError("the residency helper implements this")
+        """Give back the KV cache and/or the base weights; only while idle (EngineBusy otherwise).
+
+        The LoRA slot tensors stay, so adapters may be loaded (and unloaded) while released. KV_CACHE: the
+        cache lives in the running batch, which an idle engine does not have; what is released is the memory
+        the allocator kept (CUDA: empty_cache; CPU: glibc's malloc_trim). WEIGHTS on CUDA: the base weights
+        move to (pinned) host memory; on CPU they are not backed up anywhere, so they are freed, and
+        resume_memory reloads them from the model's files. Releasing what is released already is a no-op.
+        """
+        tags = check_residency_tags(tags)
+        if self.has_work():
+            raise EngineBusy(f"cannot release {tags} with {len(self._active)} requests in flight")
+        if KV_CACHE in tags:
+            self._rows, self._batch = [], None
+        if WEIGHTS in tags and WEIGHTS not in self._released:
+            self._release_weights()
+        self._released.update(tags)
+        _return_memory(self.device)
+        log.info("released %s: %s", tags, self.memory_stats())
 
     def resume_memory(self, tags: list[str]) -> None:
-        raise NotImplementedError("the residency helper implements this")
+        """Take back what release_memory gave up; resuming what is not released is a no-op."""
+        tags = check_residency_tags(tags)
+        if WEIGHTS in tags and WEIGHTS in self._released:
+            self._resume_weights()
+        self._released.difference_update(tags)
+        log.info("resumed %s: %s", tags, self.memory_stats())
+
+    def memory_stats(self) -> dict[str, float]:
+        stats = super().memory_stats()
+        if self.device.type == "cuda":
+            stats["cuda_allocated_bytes"] = float(torch.cuda.memory_allocated(self.device))
+            stats["cuda_reserved_bytes"] = float(torch.cuda.memory_reserved(self.device))
+        return stats
+
+    def _base_params(self) -> dict[str, torch.nn.Parameter]:
+        """The model's own parameters by HF name (not the LoRA slots'), one entry per tensor (tied ones once)."""
+        slot_ids = {id(p) for p in self.slots.parameters()}
+        unwrap = [(f"{path}.base.", f"{path}.") for path in self.slots.modules]
+        out = {}
+        for name, param in self.model.named_parameters():
+            if id(param) in slot_ids:
+                continue
+            for wrapped, plain in unwrap:
+                if name.startswith(wrapped):
+                    name = plain + name[len(wrapped):]
+                    break
+            out[name] = param
+        return out
+
+    @torch.no_grad()
+    def _release_weights(self) -> None:
+        for param in self._base_params().values():
+            if self.device.type == "cuda":
+                param.data = param.data.to("cpu").pin_memory()
+            else:  # not backed up: freed, reloaded from the model's files on resume
+                param.data = torch.empty(0, dtype=param.dtype)
+
+    @torch.no_grad()
+    def _resume_weights(self) -> None:
+        params = self._base_params()
+        if self.device.type == "cuda":
+            for param in params.values():
+                param.data = param.data.to(self.device)
+            return
+        fresh = dict(load_causal_lm(self.model_path, self.dtype, "cpu").named_parameters())
+        missing = sorted(set(params) - set(fresh))
+        if missing:
+            raise RuntimeError(f"reloading the weights from {self.model_path}: no {missing[:3]}")
+        for name, param in params.items():
+            # copied out of the loaded model, whose tensors may map the safetensors files lazily: resident now,
+            # not at the first sample
+            param.data = fresh.pop(name).data.clone()
+        del fresh
+        gc.collect()
 
     def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:
         """Validate spec, names, shapes and values before any slot is touched."""
@@ -172,8 +247,10 @@ class TorchEngineBackend(EngineBackend):
         """Queue a request; return its ticket, which `step` reports when it is done.
 
         Raises ValueError for an invalid request, UnknownAdapterError for an adapter
-        this engine does not hold.
+        this engine does not hold, EngineBusy while memory is released.
         """
+        if self._released:
+            raise EngineBusy(f"the engine's {sorted(self._released)} is released for training; resume it first")
         request = self._prepare(req)
         self._enqueue(request)
         return request.ticket
@@ -347,6 +424,28 @@ class TorchEngineBackend(EngineBackend):
         if request.finished == request.spec.num_samples:
             request.result.sequences = list(request.sequences)
             finished.append((request.ticket, request.result))
+
+
+def _return_memory(device: torch.device) -> None:
+    """Hand memory the allocators keep for reuse back to the device / the OS."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        log.info("no glibc malloc_trim: released CPU memory stays with the allocator")
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _generator_for(request: _Request, sample_index: int) -> torch.Generator | None:

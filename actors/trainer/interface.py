@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from actors.engine.interface import current_rss_bytes
 from actors.peft import expected_lora_shapes, target_module_names
 from actors.trainer.batch_checks import checked_loss_inputs
 from actors.trainer.checkpoint_files import SlotState, read_training_state, write_training_state
@@ -100,6 +101,22 @@ class TrainerBackend(abc.ABC):
     @abc.abstractmethod
     def check_slot_index(self, slot: int) -> None: ...
 
+    @abc.abstractmethod
+    def offload(self) -> bool:
+        """Colocated training: move the base weights and optimizer state off the device; False if there is
+        nothing to move (a CPU trainer). Offloading an offloaded backend is a no-op."""
+
+    @abc.abstractmethod
+    def onload(self) -> bool:
+        """Move back what `offload` moved; False if there was nothing to move."""
+
+    def memory_stats(self) -> dict[str, float]:
+        stats = {"rss_bytes": float(current_rss_bytes())}
+        if self.device.type == "cuda":
+            stats["cuda_allocated_bytes"] = float(torch.cuda.memory_allocated(self.device))
+            stats["cuda_reserved_bytes"] = float(torch.cuda.memory_reserved(self.device))
+        return stats
+
     # -- shared by every backend -----------------------------------------------------
 
     def adapter_shapes(self, spec: LoraSpec) -> dict[str, tuple[int, int]]:
@@ -164,6 +181,34 @@ class SlotTensorBackend(TrainerBackend):
     slots: Any
     optimizer: SlotAdamW
     vocab_size: int
+    model: torch.nn.Module
+    _offloaded: bool = False
+
+    def offload(self) -> bool:
+        """CUDA: the model (base weights, slot tensors and their gradients) and the Adam moments go to host
+        memory, and the caching allocator's blocks back to the device. CPU: nothing to move (False)."""
+        if self.device.type != "cuda":
+            return False
+        if not self._offloaded:
+            self._move_state(torch.device("cpu"))
+            self._offloaded = True
+            torch.cuda.empty_cache()
+        return True
+
+    def onload(self) -> bool:
+        if self.device.type != "cuda":
+            return False
+        if self._offloaded:
+            self._move_state(self.device)
+            self._offloaded = False
+        return True
+
+    @torch.no_grad()
+    def _move_state(self, device: torch.device) -> None:
+        # Module.to moves each parameter's data (and .grad) in place, so the optimizer's references stay valid
+        self.model.to(device)
+        self.optimizer.to(device)
+        torch.cuda.synchronize()
 
     def info(self) -> dict:
         return {"vocab_size": self.vocab_size, "num_slots": self.slots.num_slots,

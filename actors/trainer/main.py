@@ -28,6 +28,7 @@ from actors.trainer.checkpoint_files import SlotState
 from actors.trainer.interface import TrainerBackend
 from cluster.backends import load_backend
 from cluster.config import ClusterConfig
+from cluster.faults import inject_fault
 from cluster.messages import (
     EngineLoadAdapterReq,
     ErrorResp,
@@ -42,6 +43,9 @@ from cluster.messages import (
     TrainerOptimStepResp,
     TrainerLoadStateReq,
     TrainerLoadStateResp,
+    TrainerMemoryResp,
+    TrainerOffloadReq,
+    TrainerOnloadReq,
     TrainerPushAdapterReq,
     TrainerPushAdapterResp,
     TrainerSaveStateReq,
@@ -79,6 +83,8 @@ class TrainerWorker:
             TrainerPushAdapterReq: self.handle_TrainerPushAdapterReq,
             TrainerSaveStateReq: self.handle_TrainerSaveStateReq,
             TrainerLoadStateReq: self.handle_TrainerLoadStateReq,
+            TrainerOffloadReq: self.handle_TrainerOffloadReq,
+            TrainerOnloadReq: self.handle_TrainerOnloadReq,
         }
 
     def start(self) -> None:
@@ -174,6 +180,17 @@ class TrainerWorker:
         """Every rank loads (the directory must be visible to all of them)."""
         spec = self.backend.load_state(req.slot, req.directory, req.with_optimizer, req.seed)
         return TrainerLoadStateResp(lora=spec)
+
+    def handle_TrainerOffloadReq(self, req: TrainerOffloadReq) -> TrainerMemoryResp:
+        """Colocated: base weights and optimizer state off the device (a no-op on CPU: moved=False)."""
+        inject_fault(f"trainer{self.rank}", "TrainerOffloadReq")
+        moved = self.backend.offload()
+        return TrainerMemoryResp(moved=moved, memory=self.backend.memory_stats())
+
+    def handle_TrainerOnloadReq(self, req: TrainerOnloadReq) -> TrainerMemoryResp:
+        inject_fault(f"trainer{self.rank}", "TrainerOnloadReq")
+        moved = self.backend.onload()
+        return TrainerMemoryResp(moved=moved, memory=self.backend.memory_stats())
 
     def _engine_peer(self, address: str) -> BlockingPeer:
         if address not in self.engine_peers:

@@ -38,6 +38,13 @@ class SlotAdamW:
                 # even when its shard was empty and never ran backward
                 p.grad = torch.zeros_like(p)
 
+    @torch.no_grad()
+    def to(self, device: torch.device) -> None:
+        """Move the moments to `device` (the parameters and their gradients move with their module)."""
+        for moments in (self.exp_avg, self.exp_avg_sq):
+            for name, tensor in moments.items():
+                moments[name] = tensor.to(device)
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range 0..{self.num_slots - 1}")

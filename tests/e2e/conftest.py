@@ -56,14 +56,15 @@ class RunningCluster:
 
 @contextlib.contextmanager
 def launch_cluster(state_dir: Path, models_dir: Path, *extra: str, timeout_s: float = 300,
-                   launcher: tuple[str, ...] = (sys.executable, "-m", "launch.cluster")):
+                   launcher: tuple[str, ...] = (sys.executable, "-m", "launch.cluster"), env: dict | None = None):
     """Start the launcher (`python -m launch.cluster` unless told otherwise), yield it once
-    ready, then stop it and check for orphans."""
+    ready, then stop it and check for orphans. `env` adds to the launcher's environment."""
     state_dir.mkdir(parents=True, exist_ok=True)
     if not (state_dir / "models").exists():
         (state_dir / "models").symlink_to(models_dir, target_is_directory=True)
     cmd = [*launcher, "--port", "0", "--state-dir", str(state_dir), *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env} if env else None)
     base_url, seen = None, []
     deadline = time.monotonic() + timeout_s
     while base_url is None:

@@ -1,0 +1,33 @@
+"""Test-only fault injection into the residency handlers, through a real code path.
+
+A worker process started with TINKERD_FAULT_DIR=DIR checks, at each hook, for a file
+`DIR/<worker>.<point>` (worker: `engine0`, `trainer0`, …; point: the request's message
+name, optionally followed by `.<tags>` for the engine's memory requests, e.g.
+`engine0.EngineResumeMemoryReq.kv_cache`). A file that is there is removed (so the fault
+fires once) and the handler raises InjectedFault, which the worker answers like any other
+handler failure (a 500 naming the worker). Without the variable the hooks cost one
+environment lookup.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "TINKERD_FAULT_DIR"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def inject_fault(worker: str, *points: str) -> None:
+    """Raise InjectedFault once if a fault file for `worker` at any of `points` exists."""
+    directory = os.environ.get(ENV)
+    if not directory:
+        return
+    for point in points:
+        try:
+            os.remove(os.path.join(directory, f"{worker}.{point}"))
+        except FileNotFoundError:
+            continue
+        raise InjectedFault(f"fault injected at {point} ({ENV})")

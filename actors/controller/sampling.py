@@ -31,7 +31,7 @@ from actors.controller.futures import FutureStore
 from actors.controller.residency import Residency
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
-from actors.controller.workers import EngineHandle, WorkerFailure, WorkerPool
+from actors.controller.workers import EngineDied, EngineHandle, WorkerFailure, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
     Caller, CreateSamplingSessionReq, EngineCancelSampleReq, EngineLoadAdapterFromDiskReq, EngineSampleReq,
@@ -42,7 +42,8 @@ from cluster.transport import RemoteError
 
 log = logging.getLogger(__name__)
 _REQUEST_MEMORY_S = 3600.0  # how long a (session, seq_id) keeps answering retries, a completion its poller
-CLONE_SEQ_STRIDE = 1_000_000_000  # a cloned SamplingClient's seq_ids start at clone_id * this
+CLONE_SEQ_STRIDE = 1_000_000_000
+ENGINE_ATTEMPTS = 3  # engines a sample may be tried on when the one computing it dies  # a cloned SamplingClient's seq_ids start at clone_id * this
 
 
 @dataclass
@@ -254,13 +255,28 @@ class SamplingService:
             self._running.pop(request_id, None)
 
     async def _sampled(self, request_id: str, engine_req: EngineSampleReq) -> SampleResult:
+        """The request's result; re-queued on another live engine when the one computing it dies."""
+        for attempt in range(1, ENGINE_ATTEMPTS + 1):
+            try:
+                return await self._sampled_once(request_id, engine_req)
+            except EngineDied as exc:
+                if attempt == ENGINE_ATTEMPTS:
+                    raise WorkerFailure(f"{exc}; the sample was lost with {attempt} engines in a row") from None
+                log.warning("%s while computing %s; re-queueing it", exc, request_id)
+        raise AssertionError("unreachable")
+
+    async def _sampled_once(self, request_id: str, engine_req: EngineSampleReq) -> SampleResult:
         try:
             return (await self._on_engine(request_id, engine_req)).result
         except RemoteError as exc:
             adapter = self.adapters.get(engine_req.adapter_id or "")
-            if exc.status != 410 or adapter is None or not adapter.disk_path:
+            if exc.status != 410 or adapter is None:
                 raise
-        # an engine evicted this snapshot (or never had it: a restored session); reload it from disk
+            if not adapter.disk_path:
+                raise ApiError(410, f"the in-memory snapshot {engine_req.adapter_id!r} is not on the engine that "
+                                    f"took the sample ({exc.detail}); an engine that restarted lost it: save the "
+                                    f"weights for sampling again") from None
+        # an engine evicted this snapshot (or never had it: restored or restarted); reload it from disk
         await self._load_from_disk(engine_req.adapter_id, adapter.disk_path)
         return (await self._on_engine(request_id, engine_req)).result
 

@@ -59,6 +59,8 @@ from cluster.transport import BlockingPeer, RemoteError
 log = logging.getLogger(__name__)
 
 ROLE = "trainer"
+# an engine that died after the controller chose it does not answer: fail the push, not the rank
+ENGINE_PUSH_TIMEOUT_MS = 60_000
 FINAL_MESSAGE_LINGER_MS = 2000  # how long close() may wait for the last message to leave
 
 
@@ -168,7 +170,7 @@ class TrainerWorker:
             size_bytes = self.backend.write_state(req.save_dir, SlotState(spec, arrays))
         for address in req.engine_addresses:
             self._engine_peer(address).call(EngineLoadAdapterReq(adapter_id=req.adapter_id, lora=spec,
-                                                                 tensors=arrays))
+                                                                 tensors=arrays), timeout_ms=ENGINE_PUSH_TIMEOUT_MS)
         return TrainerPushAdapterResp(size_bytes=size_bytes)
 
     def handle_TrainerSaveStateReq(self, req: TrainerSaveStateReq) -> TrainerSaveStateResp:

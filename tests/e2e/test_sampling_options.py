@@ -43,7 +43,7 @@ def _trainer_logprobs(tc, model_input: list[int], target_ids: np.ndarray) -> np.
     return outputs["logprobs"].to_numpy().reshape(targets.shape)
 
 
-def _sample(sampler, prompt: list[int], max_tokens: int = 1, temperature: float = 1.0, seed: int | None = 1,
+def _sample(sampler, prompt: list[int], max_tokens: int = 1, temperature: float = 1.0, seed: int | None = None,
             **options) -> types.SampleResponse:
     params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, stop=[])
     return sampler.sample(prompt=types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params,

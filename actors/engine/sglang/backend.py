@@ -27,6 +27,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from cluster.messages import EngineSampleReq, LoraSpec, SampleResult
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 30.0  # how long a release waits for SGLang's scheduler to let go of aborted requests
 STEP_QUANTUM_S = 0.005  # the longest one step runs SGLang's loop before the engine process polls its sockets
 # what each of tinkerd's residency tags releases in SGLang (CUDA graphs live with the KV cache)
 SGLANG_MEMORY_TAGS = {KV_CACHE: ["kv_cache", "cuda_graph"], WEIGHTS: ["weights"]}
@@ -263,8 +265,18 @@ class SglangEngineBackend(EngineBackend):
             raise EngineBusy(f"{len(self._active)} sample request(s) in flight; drain before releasing memory")
         fresh = [t for t in tags if t not in self._released]
         if fresh:
+            self._wait_until_scheduler_idle()
             self.engine.release_memory_occupation(tags=[s for t in fresh for s in SGLANG_MEMORY_TAGS[t]])
             self._released.update(fresh)
+
+    def _wait_until_scheduler_idle(self) -> None:
+        """Aborted requests linger in SGLang's scheduler for a step or two, and a release while it holds
+        any kills it (an assertion in the scheduler process): flush_cache succeeds only once it is idle."""
+        deadline = time.monotonic() + IDLE_WAIT_S
+        while not self.engine.flush_cache().success:
+            if time.monotonic() > deadline:
+                raise EngineBusy(f"SGLang's scheduler still holds requests after {IDLE_WAIT_S:g} s")
+            time.sleep(0.01)
 
     def resume_memory(self, tags: list[str]) -> None:
         held = [t for t in tags if t in self._released]

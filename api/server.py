@@ -180,8 +180,9 @@ class Handlers:
             raise HttpError(500, f"cluster failed: {status.detail}")
         if not status.ready:
             raise HttpError(503, status.detail or f"cluster not ready; workers: {status.workers}")
-        # the colocation state machine (actors/controller/residency.py): mode, phase, the last barriers
-        return json_response({"status": "ok", "residency": status.residency})
+        # every worker's state (an engine being restarted shows as such), and the colocation state
+        # machine (actors/controller/residency.py): mode, phase, the last barriers
+        return json_response({"status": "ok", "workers": status.workers, "residency": status.residency})
 
     async def server_capabilities(self, request: web.Request) -> web.Response:
         model = self.config.model

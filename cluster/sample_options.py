@@ -69,3 +69,15 @@ def _check_alt_tokens_k(k: int, prompt_len: int) -> None:
     if prompt_len * k > MAX_PROMPT_SCORE_CELLS:
         raise ValueError(f"prompt_alt_tokens_k costs len(prompt) × k = {prompt_len} × {k} > "
                          f"{MAX_PROMPT_SCORE_CELLS}; ask for fewer draws")
+
+
+def check_engine_support(req: SampleReq | EngineSampleReq, unsupported: dict[str, str]) -> None:
+    """Raise ValueError (with the engine's reason) for an option the serving engine backend cannot honour.
+
+    `unsupported` is what engines report in their info: option name -> why ("seed": seeded
+    sampling at temperature > 0, "prompt_alt_tokens_k": prompt draws).
+    """
+    if "seed" in unsupported and req.params.seed is not None and req.params.temperature > 0:
+        raise ValueError(unsupported["seed"])
+    if "prompt_alt_tokens_k" in unsupported and req.prompt_alt_tokens_k > 0:
+        raise ValueError(unsupported["prompt_alt_tokens_k"])

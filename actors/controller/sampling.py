@@ -38,6 +38,7 @@ from cluster.messages import (
     EngineUnloadAdapterReq, FutureCompletion, RetrieveFuturesReq, RetrieveFuturesResp, SampleReq, SampleResult,
     SubmitResp,
 )
+from cluster.sample_options import check_engine_support
 from cluster.transport import RemoteError
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,10 @@ class SamplingService:
 
     def submit(self, req: SampleReq) -> SubmitResp:
         session = self.session_info(req.sampling_session_id, req.caller)
+        try:  # refused now, as a 400 the SDK raises at once, not as a failed future later
+            check_engine_support(req, self.workers.engine_unsupported)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
         key = (req.sampling_session_id, req.seq_id)
         if key in self._requests:  # a retry of a submission whose answer got lost
             return self._requests[key][1]

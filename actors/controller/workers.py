@@ -53,6 +53,7 @@ class EngineHandle:
     pid: int = 0
     memory: dict[str, float] = field(default_factory=dict)
     death: str = ""  # why it was declared dead
+    info: dict[str, Any] = field(default_factory=dict)  # what it said about itself when ready
 
 
 class WorkerPool:
@@ -109,7 +110,7 @@ class WorkerPool:
                 if previous.alive:
                     self._engine_died(previous, "it started again")
                 self.engine_restarts += 1
-            self.engines[msg.rank] = EngineHandle(msg.rank, peer, msg.weights_address)
+            self.engines[msg.rank] = EngineHandle(msg.rank, peer, msg.weights_address, info=dict(msg.info))
         if len(self.trainers) == self.expected_trainers and len(self.engines) == self.expected_engines:
             self.ready.set()
 
@@ -183,6 +184,14 @@ class WorkerPool:
     @property
     def live_engines(self) -> list[EngineHandle]:
         return [self.engines[i] for i in sorted(self.engines) if self.engines[i].alive]
+
+    @property
+    def engine_unsupported(self) -> dict[str, str]:
+        """Sampling options some engine cannot honour -> why (engines of one cluster run one backend)."""
+        merged: dict[str, str] = {}
+        for engine in self.engines.values():
+            merged.update(engine.info.get("unsupported", {}))
+        return merged
 
     @property
     def engine_weights_addresses(self) -> list[str]:

@@ -38,7 +38,7 @@ from actors.engine.interface import (
     KV_CACHE, WEIGHTS, EngineBackend, EngineBusy, current_rss_bytes, process_rss_bytes,
 )
 from actors.engine.sglang import cpu_shims
-from actors.engine.sglang.requests import check_supported, generate_kwargs, sample_result
+from actors.engine.sglang.requests import check_supported, generate_kwargs, sample_result, unsupported_options
 from actors.peft import (
     ADAPTER_CONFIG_FILE, adapter_config, check_tensors, expected_lora_shapes, hf_lora_module_shapes,
     read_peft_adapter, target_module_names,
@@ -118,7 +118,7 @@ class SglangEngineBackend(EngineBackend):
                 "max_lora_rank": self.config.engine.max_lora_rank,
                 "max_batch_sequences": self.config.engine.max_batch_sequences,
                 "max_loras_per_batch": self.config.engine.max_loras_per_batch,
-                "eos_token_ids": sorted(self.eos_token_ids), "seeds_reproduce": self.seeds_reproduce}
+                "eos_token_ids": sorted(self.eos_token_ids), "unsupported": unsupported_options(self.seeds_reproduce)}
 
     def close(self) -> None:
         self.engine.shutdown()

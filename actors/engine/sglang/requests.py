@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from cluster.messages import EngineSampleReq, SampledSequence, SampleResult
+from cluster.sample_options import check_engine_support
 
 # Tinker's TopkLogprobs convention for an empty top-k cell (the torch engine's, actors/engine/prompt_scores.py)
 TOPK_SENTINEL_ID = 0
@@ -37,15 +38,24 @@ TOPK_SENTINEL_LOGPROB = -99999.0
 NO_PROMPT_LOGPROBS = -1  # SGLang's logprob_start_len for "the output tokens only"
 
 
+ALT_TOKENS_REFUSAL = ("prompt_alt_tokens_k is not supported by the sglang engine backend (SGLang cannot draw "
+                      "tokens at prompt positions); use the torch engine backend for it")
+SEED_REFUSAL = ("seed is not supported by the sglang engine backend on this device: SGLang reproduces seeded "
+                "samples only with deterministic inference, which its CPU attention backend (torch_native) "
+                "lacks; drop the seed, or serve with --engine-backend torch")
+
+
+def unsupported_options(seeds_reproduce: bool) -> dict[str, str]:
+    """What this backend refuses, and why (reported in the engine's info, checked at submission too)."""
+    unsupported = {"prompt_alt_tokens_k": ALT_TOKENS_REFUSAL}
+    if not seeds_reproduce:
+        unsupported["seed"] = SEED_REFUSAL
+    return unsupported
+
+
 def check_supported(req: EngineSampleReq, seeds_reproduce: bool) -> None:
     """Refuse (ValueError, a 400) what this backend cannot honour, before anything is queued."""
-    if req.prompt_alt_tokens_k > 0:
-        raise ValueError("prompt_alt_tokens_k is not supported by the sglang engine backend (SGLang cannot draw "
-                         "tokens at prompt positions); use the torch engine backend for it")
-    if req.params.seed is not None and req.params.temperature > 0 and not seeds_reproduce:
-        raise ValueError("seed is not supported by the sglang engine backend on this device: SGLang reproduces "
-                         "seeded samples only with deterministic inference, which its CPU attention backend "
-                         "(torch_native) lacks; drop the seed, or serve with --engine-backend torch")
+    check_engine_support(req, unsupported_options(seeds_reproduce))
 
 
 def first_scored_position(req: EngineSampleReq) -> int | None:

@@ -44,6 +44,7 @@ def run(scenario: dict) -> dict:
         load(scenario["adapters"])
         for name, requests in scenario["batches"]:
             out["batches"][name] = backend.generate(requests)
+        out["sync_ms"] = _time_weight_sync(backend, scenario["adapters"][0][1])
         load(scenario["late_adapters"])  # more than the slots hold: the least recently used go
         for name, request in scenario["refusals"]:
             try:
@@ -70,6 +71,25 @@ def run(scenario: dict) -> dict:
     finally:
         backend.close()
     return out
+
+
+def _time_weight_sync(backend, directory: str, reps: int = 5) -> dict[str, float]:
+    """Median ms to hand SGLang one adapter pushed as arrays, both ways the backend could."""
+    import statistics
+
+    from actors.peft import read_peft_adapter
+
+    spec, tensors = read_peft_adapter(directory)
+    timings: dict[str, list[float]] = {"tensors": [], "tmpfs_dir": []}
+    for i in range(reps):
+        for how, load in (("tensors", backend.load_via_tensors), ("tmpfs_dir", backend.load_via_tmpfs)):
+            name = f"sync-{how}-{i}"
+            start = time.perf_counter()
+            outcome = load(name, spec, tensors)
+            timings[how].append((time.perf_counter() - start) * 1e3)
+            assert outcome.success, outcome.error_message
+            backend.engine.unload_lora_adapter(name)
+    return {how: statistics.median(ms) for how, ms in timings.items()}
 
 
 def main() -> None:

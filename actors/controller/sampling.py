@@ -4,7 +4,9 @@ A sampling session is bound, once and for all, to one adapter id (or to the bare
 model). Adapter ids name immutable snapshots: `tinker://…/sampler_weights/<name>` for
 named checkpoints, `<model_id>@<seq_id>` for ephemeral ones, so a sampling client
 never sees weights drift as training goes on. Samples have no ordering; each goes to
-the least busy engine as soon as it arrives, and engines batch whatever they hold.
+the least busy live engine as soon as it arrives, and engines batch whatever they hold.
+When that engine dies (workers.py), the sample is re-queued on another live one, at most
+ENGINE_ATTEMPTS times; with none alive it fails with the cause.
 
 Sampling sessions are recorded in SQLite. After a controller restart, one bound to a
 checkpoint or to the base model comes back on first use (the checkpoint is reloaded

@@ -14,6 +14,9 @@ steps, so adapter loads and new requests are taken at once; new requests join th
 running batch (continuous batching). A load that finds every slot pinned by running
 requests waits until one frees up.
 
+Once ready, a thread heartbeats to the controller (cluster/heartbeat.py), so a dead
+engine is noticed within the heartbeat timeout whatever its main loop was doing.
+
 Requests are answered by `handle_<MessageName>` methods; a ValueError becomes a 400
 ErrorResp, an unknown adapter a 410, anything else a 500, and the engine keeps
 serving. An error outside the handlers is fatal: the engine reports it with

@@ -190,3 +190,7 @@ def test_abort_and_release_resume(sglang_results):
 def test_adapter_loads_from_arrays_and_from_disk_are_fast(sglang_results):
     assert set(sglang_results["load_ms"]) >= {"full", "head"}
     assert all(ms < 5000 for ms in sglang_results["load_ms"].values())
+    sync = sglang_results["sync_ms"]  # the same adapter handed over both ways (printed with -s)
+    print(f"weight sync into SGLang, median of 5: tensors {sync['tensors']:.1f} ms, "
+          f"tmpfs PEFT dir (write + load) {sync['tmpfs_dir']:.1f} ms")
+    assert set(sync) == {"tensors", "tmpfs_dir"} and all(0 < ms < 5000 for ms in sync.values())

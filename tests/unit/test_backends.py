@@ -83,3 +83,29 @@ def test_the_torch_backend_refuses_model_parallel_layouts():
     config = ClusterConfig(model=ModelConfig(path="/unused"), trainer=TrainerConfig(ranks=2, tp=2))
     with pytest.raises(ValueError, match="runs data parallel only, not dp=1 tp=2 pp=1"):
         TorchTrainerBackend(config, rank=0, world_size=2)
+
+
+def test_the_sglang_backend_is_checked_in_its_own_interpreter(capsys):
+    """sglang is importable only from its virtualenv: the launcher asks that interpreter, not itself."""
+    import sys
+
+    with pytest.raises(BackendUnavailable) as caught:  # this interpreter has no sglang
+        check_backend("engine", "sglang", python=sys.executable)
+    assert f"not installed for {sys.executable}" in str(caught.value)
+    assert "python -m launch.sglang_env" in str(caught.value)
+    with pytest.raises(SystemExit):
+        parse_args(["--engine-backend", "sglang", "--sglang-python", sys.executable])
+    assert "needs the sglang package" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--sglang-python", sys.executable])  # the torch engine would silently ignore it
+    assert "--sglang-python is for --engine-backend sglang" in capsys.readouterr().err
+
+
+def test_the_launcher_passes_the_engine_backend_on(sglang_python):
+    from launch.cluster import build_config
+
+    args = parse_args(["--engine-backend", "sglang", "--sglang-python", str(sglang_python),
+                       "--max-loras-per-batch", "3", "--heartbeat-timeout", "4"])
+    config = build_config(args, ModelConfig(path="/m", name="m"))
+    assert (config.engine.backend, config.engine.sglang_python) == ("sglang", str(sglang_python))
+    assert config.engine.max_loras_per_batch == 3 and config.controller.heartbeat_timeout_s == 4

@@ -27,6 +27,7 @@ import asyncio
 import itertools
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ from actors.engine.sglang import cpu_shims
 from actors.engine.sglang.requests import check_supported, generate_kwargs, sample_result, unsupported_options
 from actors.peft import (
     ADAPTER_CONFIG_FILE, adapter_config, check_tensors, expected_lora_shapes, hf_lora_module_shapes,
-    read_peft_adapter, target_module_names,
+    read_peft_adapter, target_module_names, write_peft_adapter,
 )
 from actors.lora import BASE_SLOT
 from cluster.config import ClusterConfig
@@ -50,7 +51,8 @@ from cluster.messages import EngineSampleReq, LoraSpec, SampleResult
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 30.0  # how long a release waits for SGLang's scheduler to let go of aborted requests
-STEP_QUANTUM_S = 0.005  # the longest one step runs SGLang's loop before the engine process polls its sockets
+STEP_QUANTUM_S = 0.005
+SPOOL_DIR = "/dev/shm"  # tmpfs: where pushed adapters become PEFT files for SGLang to read  # the longest one step runs SGLang's loop before the engine process polls its sockets
 # what each of tinkerd's residency tags releases in SGLang (CUDA graphs live with the KV cache)
 SGLANG_MEMORY_TAGS = {KV_CACHE: ["kv_cache", "cuda_graph"], WEIGHTS: ["weights"]}
 
@@ -205,14 +207,24 @@ class SglangEngineBackend(EngineBackend):
     # -- adapters ------------------------------------------------------------------------
 
     def load_adapter(self, adapter_id: str, spec: LoraSpec, tensors: dict) -> None:
-        expected = self._expected_shapes(spec)
-        check_tensors("adapter", tensors, expected)
+        """Arrays pushed by trainer rank 0, handed to SGLang through a PEFT directory on tmpfs: measured
+        faster than `load_lora_adapter_from_tensors` (whose tensors cross to the scheduler by pickling)."""
+        check_tensors("adapter", tensors, self._expected_shapes(spec))
+        self._load(adapter_id, lambda name: self.load_via_tmpfs(name, spec, tensors))
+
+    def load_via_tmpfs(self, name: str, spec: LoraSpec, tensors: dict):
+        targets = target_module_names(spec, self.module_shapes)
+        with tempfile.TemporaryDirectory(dir=SPOOL_DIR if os.path.isdir(SPOOL_DIR) else None) as directory:
+            write_peft_adapter(directory, tensors, spec, targets, self.config.model.path)
+            return self.engine.load_lora_adapter(name, directory)  # read into memory: the files can go
+
+    def load_via_tensors(self, name: str, spec: LoraSpec, tensors: dict):
         import torch
 
         # np.array copies: wire arrays are read-only views of ZMQ frames
-        named = {name: torch.from_numpy(np.array(tensors[name], dtype=np.float32)) for name in expected}
+        named = {key: torch.from_numpy(np.array(value, dtype=np.float32)) for key, value in tensors.items()}
         config = adapter_config(spec, target_module_names(spec, self.module_shapes), self.config.model.path)
-        self._load(adapter_id, lambda name: self.engine.load_lora_adapter_from_tensors(name, named, config))
+        return self.engine.load_lora_adapter_from_tensors(name, named, config)
 
     def load_adapter_from_disk(self, adapter_id: str, path: str) -> None:
         try:

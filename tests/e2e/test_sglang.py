@@ -184,3 +184,32 @@ def test_a_crashed_scheduler_fails_its_sample_and_the_engine_comes_back(cluster,
     assert _engine_pid(cluster) != engine  # the launcher started a new one
     after = saved.compute_logprobs(prompt_tokens).result()  # the adapter comes back from disk
     np.testing.assert_allclose(np.array(after[1:]), np.array(before[1:]), atol=1e-5)
+
+
+def test_colocated_sglang_runs_the_barriers_and_serves_both_phases(tmp_path, models_dir, sglang_python):
+    """`--colocate` with SGLang engines: release/resume_memory_occupation run in the barrier order (on CPU
+    SGLang's memory saver cannot load, so they free nothing: this is the control flow), and training and
+    sampling both complete."""
+    from tests.e2e.test_residency import TO_SAMPLING, TO_TRAINING, _transitions, residency
+
+    with launch_cluster(tmp_path / "state", models_dir, "--engine-backend", "sglang", "--sglang-python",
+                        str(sglang_python), "--colocate", "--training-linger-ms", "100") as running:
+        client = running.service_client()
+        tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=4, seed=5).result()
+        tokenizer = tc.get_tokenizer()
+        losses = train_steps(tc, sft_batch(tokenizer, ["hello", "world"]), steps=2)
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        prompt = tokenizer.encode(chat_prompt("hello"), add_special_tokens=False)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            training = pool.submit(train_steps, tc, sft_batch(tokenizer, ["hello", "world"]), 2)
+            sampled = sampler.sample(prompt=types.ModelInput.from_ints(prompt), num_samples=2,
+                                     sampling_params=_unseeded(8)).result()
+            more = training.result()
+        assert all(np.isfinite(losses + more)) and len(sampled.sequences) == 2
+        state = residency(running)
+        assert state["mode"] == "colocated" and state["failure"] is None
+        assert all(b["ok"] for b in state["barriers"]), state["barriers"]
+        transitions = _transitions(state["barriers"])
+        assert transitions["to_training"] and all(t == TO_TRAINING for t in transitions["to_training"])
+        assert transitions["to_sampling"] and all(t == TO_SAMPLING for t in transitions["to_sampling"])
+        client.close("success").result()

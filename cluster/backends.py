@@ -55,7 +55,7 @@ def check_backend(kind: str, name: str, python: str | None = None) -> BackendEnt
     for module in entry.requires:
         if not (_importable(module) if python is None else _importable_by(python, module)):
             where = "" if python is None else f" for {python}"
-            how = (f"build its virtualenv with `python -m launch.sglang_env` and pass its interpreter"
+            how = ("build its virtualenv with `python -m launch.sglang_env` and pass its interpreter"
                    if entry.own_python else f"install it with: pip install -e '.[{entry.extra}]'")
             raise BackendUnavailable(f"the {name} {kind} backend needs the {module.split('.')[0]} package "
                                      f"({module}), which is not installed{where}; {how}")

@@ -45,8 +45,8 @@ from cluster.transport import RemoteError
 
 log = logging.getLogger(__name__)
 _REQUEST_MEMORY_S = 3600.0  # how long a (session, seq_id) keeps answering retries, a completion its poller
-CLONE_SEQ_STRIDE = 1_000_000_000
-ENGINE_ATTEMPTS = 3  # engines a sample may be tried on when the one computing it dies  # a cloned SamplingClient's seq_ids start at clone_id * this
+CLONE_SEQ_STRIDE = 1_000_000_000  # a cloned SamplingClient's seq_ids start at clone_id * this
+ENGINE_ATTEMPTS = 3  # engines a sample may be tried on when the one computing it dies
 
 
 @dataclass

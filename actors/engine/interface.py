@@ -23,9 +23,13 @@ the controller never see the backend's tensors.
 from __future__ import annotations
 
 import abc
+import math
 import resource
 
+import numpy as np
+
 from cluster.messages import EngineSampleReq, LoraSpec, SampleResult
+from cluster.sample_options import check_sample_options
 
 # what an engine can give back while colocated training runs: its KV cache (and CUDA
 # graphs, which live with it), and its base weights
@@ -142,6 +146,31 @@ def process_rss_bytes(pid: int | str) -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return 0
+
+
+def check_sample_request(req: EngineSampleReq, vocab_size: int, max_context: int) -> None:
+    """The engine's own check of a sample request (the API checked it first): ValueError names the field."""
+    tokens, p = np.asarray(req.prompt_tokens), req.params
+    if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError("prompt_tokens must be a non-empty 1-D array of token ids")
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
+        raise ValueError(f"prompt has token ids outside [0, {vocab_size})")
+    if req.num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {req.num_samples}")
+    if p.max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {p.max_tokens}")
+    if len(tokens) + p.max_tokens > max_context:
+        raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                         f"model's context window of {max_context}")
+    if not (math.isfinite(p.temperature) and p.temperature >= 0):
+        raise ValueError(f"temperature must be finite and >= 0, got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
+    if p.top_k < -1:
+        raise ValueError(f"top_k must be -1 (off), 0 (off) or positive, got {p.top_k}")
+    if not 0 <= req.topk_prompt_logprobs <= vocab_size:
+        raise ValueError(f"topk_prompt_logprobs must be in [0, {vocab_size}], got {req.topk_prompt_logprobs}")
+    check_sample_options(req, vocab_size)
 
 
 def check_residency_tags(tags: list[str]) -> list[str]:

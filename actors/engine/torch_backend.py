@@ -26,7 +26,6 @@ import ctypes.util
 import gc
 import itertools
 import logging
-import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -35,7 +34,9 @@ import torch
 from transformers import DynamicCache
 
 from actors.engine.adapter_table import AdapterTable
-from actors.engine.interface import EngineBackend, EngineBusy, KV_CACHE, WEIGHTS, check_residency_tags
+from actors.engine.interface import (
+    KV_CACHE, WEIGHTS, EngineBackend, EngineBusy, check_residency_tags, check_sample_request,
+)
 from actors.engine.kv_batch import KvBatch, left_padded
 from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
@@ -44,7 +45,6 @@ from actors.model_loading import load_causal_lm, load_tokenizer
 from actors.peft import check_tensors, expected_lora_shapes, read_peft_adapter
 from cluster.config import ClusterConfig
 from cluster.messages import EngineSampleReq, LoraSpec, SampledSequence, SampleResult
-from cluster.sample_options import check_sample_options
 
 log = logging.getLogger(__name__)
 
@@ -311,28 +311,7 @@ class TorchEngineBackend(EngineBackend):
             self.slots.clear_slot(freed)
 
     def _validate(self, req: EngineSampleReq) -> None:
-        tokens, p = np.asarray(req.prompt_tokens), req.params
-        if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError("prompt_tokens must be a non-empty 1-D array of token ids")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
-            raise ValueError(f"prompt has token ids outside [0, {self.vocab_size})")
-        if req.num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {req.num_samples}")
-        if p.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {p.max_tokens}")
-        if len(tokens) + p.max_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
-                             f"model's context window of {self.max_context}")
-        if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            raise ValueError(f"temperature must be finite and >= 0, got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p.top_p}")
-        if p.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off), 0 (off) or positive, got {p.top_k}")
-        if not 0 <= req.topk_prompt_logprobs <= self.vocab_size:
-            raise ValueError(f"topk_prompt_logprobs must be in [0, {self.vocab_size}], "
-                             f"got {req.topk_prompt_logprobs}")
-        check_sample_options(req, self.vocab_size)
+        check_sample_request(req, self.vocab_size, self.max_context)
 
     # -- the batch -----------------------------------------------------------------------
 

@@ -23,4 +23,4 @@ LAUNCHERS = {
 @pytest.mark.parametrize("name", sorted(LAUNCHERS))
 def test_launcher_starts_a_healthy_cluster(name, tmp_path, models_dir):
     with launch_cluster(tmp_path / "state", models_dir, launcher=LAUNCHERS[name]) as running:
-        assert httpx.get(running.base_url + "/api/v1/healthz").json() == {"status": "ok"}
+        assert httpx.get(running.base_url + "/api/v1/healthz").json()["status"] == "ok"

@@ -125,9 +125,11 @@ def test_two_tenants_adapters_share_batches(service_client):
     tokens = tokenizer.encode(chat_prompt("server") + "erversay", add_special_tokens=False)
     alone = [s.compute_logprobs(types.ModelInput.from_ints(tokens)).result() for s in samplers]
     assert alone[0] != alone[1] != alone[2]
+    def score(i: int) -> list:
+        return samplers[i % 3].compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+
     with concurrent.futures.ThreadPoolExecutor(9) as pool:
-        together = list(pool.map(lambda i: samplers[i % 3].compute_logprobs(types.ModelInput.from_ints(tokens)).result(),
-                                 range(9)))
+        together = list(pool.map(score, range(9)))
     for i, logprobs in enumerate(together):
         np.testing.assert_allclose(np.array(logprobs[1:]), np.array(alone[i % 3][1:]), atol=1e-4)
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from actors.engine.adapter_table import AdapterTable
 from actors.engine.interface import (
-    KV_CACHE, WEIGHTS, EngineBackend, EngineBusy, current_rss_bytes, process_rss_bytes,
+    KV_CACHE, WEIGHTS, EngineBackend, EngineBusy, check_sample_request, current_rss_bytes, process_rss_bytes,
 )
 from actors.engine.sglang import cpu_shims
 from actors.engine.sglang.requests import check_supported, generate_kwargs, sample_result, unsupported_options
@@ -51,8 +51,8 @@ from cluster.messages import EngineSampleReq, LoraSpec, SampleResult
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 30.0  # how long a release waits for SGLang's scheduler to let go of aborted requests
-STEP_QUANTUM_S = 0.005
-SPOOL_DIR = "/dev/shm"  # tmpfs: where pushed adapters become PEFT files for SGLang to read  # the longest one step runs SGLang's loop before the engine process polls its sockets
+STEP_QUANTUM_S = 0.005  # the longest one step runs SGLang's loop before the engine process polls its sockets
+SPOOL_DIR = "/dev/shm"  # tmpfs: where pushed adapters become PEFT files for SGLang to read
 # what each of tinkerd's residency tags releases in SGLang (CUDA graphs live with the KV cache)
 SGLANG_MEMORY_TAGS = {KV_CACHE: ["kv_cache", "cuda_graph"], WEIGHTS: ["weights"]}
 
@@ -190,18 +190,7 @@ class SglangEngineBackend(EngineBackend):
             self._unload_slot(freed)
 
     def _validate(self, req: EngineSampleReq) -> None:
-        tokens = np.asarray(req.prompt_tokens)
-        if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError("prompt_tokens must be a non-empty 1-D array of token ids")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
-            raise ValueError(f"prompt has token ids outside [0, {self.vocab_size})")
-        if req.num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {req.num_samples}")
-        if req.params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {req.params.max_tokens}")
-        if len(tokens) + req.params.max_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the "
-                             f"model's context window of {self.max_context}")
+        check_sample_request(req, self.vocab_size, self.max_context)
         check_supported(req, self.seeds_reproduce)
 
     # -- adapters ------------------------------------------------------------------------

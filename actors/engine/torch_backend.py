@@ -232,6 +232,7 @@ class TorchEngineBackend(EngineBackend):
             param.data = fresh.pop(name).data.clone()
         del fresh
         gc.collect()
+        _return_memory(self.device)  # the loaded copy's heap pages, which glibc would otherwise keep
 
     def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:
         """Validate spec, names, shapes and values before any slot is touched."""

@@ -150,6 +150,13 @@ def _assert_same(sglang, torch_, what: str) -> None:
                                    "length"])
 def test_sglang_equals_the_torch_engine(sglang_results, torch_results, batch):
     _assert_same(sglang_results["batches"][batch], torch_results[batch], batch)
+    gaps = [np.nanmax(np.abs(getattr(s, f) - getattr(t, f)))
+            for s, t in zip(sglang_results["batches"][batch], torch_results[batch])
+            for f in ("prompt_logprobs", "target_prompt_logprobs") if getattr(t, f) is not None]
+    gaps += [np.abs(ss.logprobs - ts.logprobs).max() for s, t in zip(sglang_results["batches"][batch],
+                                                                    torch_results[batch])
+             for ss, ts in zip(s.sequences, t.sequences)]
+    print(f"{batch}: largest |sglang - torch engine| logprob gap {max(gaps):.2e}")  # shown with -s
 
 
 def test_the_stops_and_lengths_the_fields_ask_for(torch_results):

@@ -46,6 +46,13 @@ def run(scenario: dict) -> dict:
             out["batches"][name] = backend.generate(requests)
         out["sync_ms"] = _time_weight_sync(backend, scenario["adapters"][0][1])
         load(scenario["late_adapters"])  # more than the slots hold: the least recently used go
+        out["bad_loads"] = {}
+        for adapter_id, directory in scenario["bad_loads"]:
+            try:
+                backend.load_adapter_from_disk(adapter_id, directory)
+                out["bad_loads"][adapter_id] = ""
+            except ValueError as exc:
+                out["bad_loads"][adapter_id] = str(exc)
         for name, request in scenario["refusals"]:
             try:
                 backend.generate([request])

@@ -26,7 +26,8 @@ ATOL = 1e-3
 ADAPTERS = {"full": LoraSpec(rank=8, alpha=16.0),
             "head": LoraSpec(rank=4, alpha=8.0, train_attn=False, train_mlp=False),
             "third": LoraSpec(rank=2, alpha=2.0, train_mlp=False),
-            "fourth": LoraSpec(rank=2, alpha=2.0, train_attn=False)}
+            "fourth": LoraSpec(rank=2, alpha=2.0, train_attn=False),
+            "too_big": LoraSpec(rank=32, alpha=32.0)}  # past the engine's max LoRA rank (16)
 
 
 class _Config:
@@ -113,6 +114,7 @@ def sglang_results(scenario, torch_results, sglang_python, tmp_path_factory):
                 refusals=[["seeded", _req(None, prompt, params=SamplingParams(temperature=1.0, seed=3))],
                           ["alt_tokens", _req(None, prompt, prompt_alt_tokens_k=2)],
                           ["evicted", _req("full", prompt)]],
+                bad_loads=[["too_big", scenario["directories"]["too_big"]]],
                 late_adapters=[["third", scenario["directories"]["third"], "disk"],
                                ["fourth", scenario["directories"]["fourth"], "tensors"]],
                 abort=_req(None, prompt, params=SamplingParams(max_tokens=2000, temperature=0.0, stop_at_eos=False)))
@@ -183,6 +185,7 @@ def test_what_sglang_cannot_honour_is_refused_by_name(sglang_results):
     assert "prompt_alt_tokens_k is not supported" in refusals["alt_tokens"]
     assert refusals["evicted"].startswith("UnknownAdapterError") and "'full'" in refusals["evicted"]
     assert sorted(sglang_results["loaded"]) == ["fourth", "third"]  # two slots: the late loads evicted both
+    assert "LoRA rank 32 is outside [1, 16]" in sglang_results["bad_loads"]["too_big"]
 
 
 def test_abort_and_release_resume(sglang_results):

@@ -93,3 +93,18 @@ def test_refusals_name_the_option_and_are_the_same_at_submission():
     check_supported(_req(params=SamplingParams(temperature=0.0, seed=1)), seeds_reproduce=False)  # greedy: moot
     with pytest.raises(ValueError, match="prompt_alt_tokens_k is not supported"):
         check_engine_support(_req(prompt_alt_tokens_k=2), unsupported_options(seeds_reproduce=True))
+
+
+def test_engine_arguments_per_device():
+    """CPU: the pure-torch paths; CUDA: SGLang's kernels, seeds that reproduce, weights that survive a release."""
+    from actors.engine.sglang.backend import server_args
+    from cluster.config import ClusterConfig, EngineConfig, ModelConfig
+
+    model = ModelConfig(path="/m", name="m", max_context=2048)
+    cpu = server_args(ClusterConfig(model=model, engine=EngineConfig(max_lora_rank=16, max_loras_per_batch=3)))
+    assert (cpu["attention_backend"], cpu["lora_backend"], cpu["disable_cuda_graph"]) == ("torch_native",) * 2 + (True,)
+    assert cpu["lora_target_modules"] == ["all"] and cpu["max_lora_rank"] == 16 and cpu["max_loras_per_batch"] == 3
+    assert cpu["disable_overlap_schedule"] and cpu["context_length"] == 2048 and "enable_memory_saver" not in cpu
+    cuda = server_args(ClusterConfig(model=model, engine=EngineConfig(device="cuda", dtype="bfloat16")))
+    assert cuda["enable_deterministic_inference"] and cuda["enable_memory_saver"] and cuda["enable_weights_cpu_backup"]
+    assert "attention_backend" not in cuda and cuda["dtype"] == "bfloat16"

@@ -80,8 +80,8 @@ def server_args(config: ClusterConfig) -> dict:
     )
     if cpu:
         args.update(attention_backend="torch_native", lora_backend="torch_native", disable_cuda_graph=True)
-    else:
-        args.update(enable_deterministic_inference=True, enable_memory_saver=True)
+    else:  # seeded samples reproduce; released weights are backed up on the host, so they can come back
+        args.update(enable_deterministic_inference=True, enable_memory_saver=True, enable_weights_cpu_backup=True)
     return args
 
 

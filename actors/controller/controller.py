@@ -68,6 +68,7 @@ class Controller:
         self.stability = StabilityRecords(self.store)
         self.residency = Residency(config.controller, self._engine_fan_out, self._trainer_fan_out,
                                    barrier_timeout_s=config.trainer.call_timeout_s)
+        self.workers.on_engine_ready = self._engine_joined
         self.sampling = SamplingService(config, self.workers, self.futures, self.store, self.stability,
                                         self.residency)
         self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling,
@@ -299,8 +300,14 @@ class Controller:
     # -- residency fan-outs (actors/controller/residency.py) ----------------------------
 
     async def _engine_fan_out(self, make_req) -> dict:
-        names = [f"engine{e.index}" for e in self.workers.engines.values()]  # engine_broadcast's order
+        names = [f"engine{e.index}" for e in self.workers.live_engines]  # engine_broadcast's order
         return dict(zip(names, await self.workers.engine_broadcast(make_req)))
+
+    def _engine_joined(self, engine) -> None:
+        """A (re)started engine said hello holding its memory: colocated, it may have to give it back."""
+        async def release_it(make_req) -> dict:
+            return {f"engine{engine.index}": await self.workers.engine_call(make_req(), engine)}
+        self.residency.engine_joined(release_it)
 
     async def _trainer_fan_out(self, make_req) -> dict:
         replies = await self.workers.trainer_broadcast(make_req)

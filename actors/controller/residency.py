@@ -86,6 +86,7 @@ class Residency:
         self._active = {SAMPLING: 0, TRAINING: 0}
         self._last_training = time.monotonic()  # the last time a training call ran or ended
         self._wake = asyncio.Event()
+        self._rejoins: set[asyncio.Task] = set()
         self._to_training = (("engine_release", self._engine_step(EngineReleaseMemoryReq, RELEASE_TAGS)),
                              ("trainer_onload", self._trainer_step(TrainerOnloadReq)))
         self._to_sampling = (("trainer_offload", self._trainer_step(TrainerOffloadReq)),
@@ -287,10 +288,21 @@ class Residency:
                               "duration_ms": round((time.monotonic() - began) * 1000, 3),
                               "ok": error is None, "error": error, "memory": memory})
 
+    def engine_joined(self, release_it: FanOut) -> None:
+        """An engine said hello (a restart, or a late start) holding its memory. In a training phase (or on the
+        way to one) the trainer holds the devices, so it releases at once, recorded as barrier "engine_release"
+        of transition "rejoin"; had it failed, the engine keeps its memory until the next switch resumes it."""
+        if self.colocated and self.phase in (TRAINING, f"to_{TRAINING}"):
+            step = self._engine_step(EngineReleaseMemoryReq, RELEASE_TAGS, release_it)
+            task = asyncio.get_running_loop().create_task(self._barrier("rejoin", "engine_release", step))
+            self._rejoins.add(task)
+            task.add_done_callback(self._rejoins.discard)
+
     # -- steps ----------------------------------------------------------------------------
 
-    def _engine_step(self, message: type, tags: list[str]) -> Callable[[], Awaitable[dict]]:
-        return lambda: self._engines(lambda: message(tags=list(tags)))
+    def _engine_step(self, message: type, tags: list[str], engines: FanOut | None = None
+                     ) -> Callable[[], Awaitable[dict]]:
+        return lambda: (engines or self._engines)(lambda: message(tags=list(tags)))
 
     def _trainer_step(self, message: type) -> Callable[[], Awaitable[dict]]:
         return lambda: self._trainers(message)

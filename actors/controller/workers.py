@@ -71,6 +71,7 @@ class WorkerPool:
         self.failure: str | None = None
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.engine_restarts = 0
+        self.on_engine_ready: Callable[[EngineHandle], None] = lambda engine: None  # after a restart too
         self._watchdog: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -111,6 +112,7 @@ class WorkerPool:
                     self._engine_died(previous, "it started again")
                 self.engine_restarts += 1
             self.engines[msg.rank] = EngineHandle(msg.rank, peer, msg.weights_address, info=dict(msg.info))
+            self.on_engine_ready(self.engines[msg.rank])
         if len(self.trainers) == self.expected_trainers and len(self.engines) == self.expected_engines:
             self.ready.set()
 

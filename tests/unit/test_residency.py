@@ -250,3 +250,23 @@ def test_launcher_flags():
                 ["--colocate", "--training-linger-ms", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_an_engine_that_rejoins_during_training_releases_at_once():
+    """A restarted engine comes back holding its memory; while the trainer holds the devices it gives it back."""
+    async def main():
+        cluster, ops = Cluster(), []
+        residency = _residency(cluster, linger_ms=200)
+        task = await _started(residency)
+        residency.engine_joined(cluster.engines)  # sampling phase: it may keep its memory
+        await asyncio.sleep(0.01)
+        assert cluster.log == ["TrainerOffloadReq"]
+        training = asyncio.create_task(_op(residency, TRAINING, ops, "t0", 0.05))
+        await _settle(residency, TRAINING)
+        residency.engine_joined(cluster.engines)
+        await training
+        await asyncio.sleep(0.01)
+        assert cluster.log.count("EngineReleaseMemoryReq:kv_cache+weights") == 2
+        assert ("rejoin", "engine_release") in [(b["transition"], b["name"]) for b in residency.barriers]
+        task.cancel()
+    asyncio.run(main())

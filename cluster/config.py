@@ -51,6 +51,7 @@ class ControllerConfig:
     max_phase_ms: float = 2000.0
     # an engine without a heartbeat for this long is dead: its samples are re-queued or failed
     heartbeat_timeout_s: float = 10.0
+    admin_token_file: str = ""  # what launch/probe.py must present (written by the launcher, mode 0600)
 
 
 @dataclass

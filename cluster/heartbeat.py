@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from typing import Callable
 
@@ -43,6 +44,7 @@ class Heartbeat:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 4)  # a controller that is away gets the latest beats, not a backlog
         sock.connect(self.address)
+        host = socket.gethostname()
         try:
             while not self._stop.is_set():
                 try:
@@ -50,7 +52,8 @@ class Heartbeat:
                 except Exception:  # a beat without numbers still says "alive"
                     log.exception("heartbeat: memory stats failed")
                     memory = {}
-                event = WorkerHeartbeatEvent(role=self.role, rank=self.rank, pid=os.getpid(), memory=memory)
+                event = WorkerHeartbeatEvent(role=self.role, rank=self.rank, pid=os.getpid(), host=host,
+                                             memory=memory)
                 try:
                     sock.send_multipart(encode(event), flags=zmq.NOBLOCK)
                 except zmq.Again:

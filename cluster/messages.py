@@ -693,7 +693,61 @@ class WorkerHeartbeatEvent(Message):
     role: str
     rank: int
     pid: int
+    host: str = ""
     memory: dict[str, float] = field(default_factory=dict)  # rss_bytes, device_allocated_bytes, …
+
+
+# ----------------------------------------------------------------------------------
+# The admin probe (launch/probe.py) <-> controller, on the controller's API socket
+# ----------------------------------------------------------------------------------
+
+
+@message
+class AdminReq(Message):
+    """An admin command; `token` is the one the launcher wrote into STATE_DIR/run/admin.token (mode 0600)."""
+
+    token: str = ""
+
+
+@message
+class AdminStatusReq(AdminReq):
+    pass
+
+
+@message
+class AdminSessionsReq(AdminReq):
+    pass
+
+
+@message
+class AdminRunsReq(AdminReq):
+    pass
+
+
+@message
+class AdminFuturesReq(AdminReq):
+    recent: int = 20  # settled futures to list besides every pending one
+
+
+@message
+class AdminDrainReq(AdminReq):
+    """Refuse new work from now on (503); what is queued or running finishes."""
+
+
+@message
+class AdminKillRunReq(AdminReq):
+    model_id: str
+
+
+@message
+class AdminShutdownReq(AdminReq):
+    """Stop the cluster: the controller answers, tells every worker to stop, and exits; the launcher follows."""
+
+
+@message
+class AdminResp(Message):
+    info: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the table the command lists, one dict a row
 
 
 # ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_W
 API_RESTART_WINDOW_S = 60.0
 # a dead engine is started again (the controller re-queues or fails its samples meanwhile), at most
 # ENGINE_RESTARTS times per engine in ENGINE_RESTART_WINDOW_S; an engine that keeps dying stops the cluster
+ADMIN_TOKEN_FILE = "admin.token"  # in STATE_DIR/run
 ENGINE_RESTARTS = 3
 ENGINE_RESTART_WINDOW_S = 600.0
 
@@ -319,6 +321,8 @@ class Cluster:
         while True:
             while (dead := self.dead_child()) is None:
                 time.sleep(0.2)
+            if dead.name == "controller" and dead.proc.returncode == 0:
+                raise ShutdownRequested  # the controller exits cleanly only when the probe asks it to
             restart = self._restart_command(dead)
             if restart is None:
                 raise ChildDied(dead)
@@ -358,6 +362,19 @@ class Cluster:
                 child.proc.wait()
 
 
+class ShutdownRequested(Exception):
+    """The admin probe asked the controller to stop (launch/probe.py shutdown)."""
+
+
+def write_admin_token(path: Path) -> Path:
+    """A fresh random token only this user may read (0600): what launch/probe.py presents to the controller."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
 class ClusterFailed(RuntimeError):
     """The cluster reported a failure while starting (a worker that is alive but unusable)."""
 
@@ -387,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     config = build_config(args, model)
     run_dir = Path(config.state_dir) / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
+    config.controller.admin_token_file = str(write_admin_token(run_dir / ADMIN_TOKEN_FILE))
     config_path = run_dir / "cluster.json"
     config.save(config_path)
 
@@ -406,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         cluster.supervise()
     except KeyboardInterrupt:
         print("tinkerd: shutting down", flush=True)
+        return 0
+    except ShutdownRequested:
+        print("tinkerd: shut down by the admin probe", flush=True)
         return 0
     except (ChildDied, ClusterFailed, TimeoutError) as exc:
         print(f"tinkerd: {exc}", file=sys.stderr, flush=True)

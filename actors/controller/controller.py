@@ -20,6 +20,7 @@ import uvloop
 import zmq
 import zmq.asyncio
 
+from actors.controller.admin import AdminService
 from actors.controller.checkpoints import CheckpointService, as_str_dict
 from actors.controller.errors import ApiError
 from actors.controller.futures import FutureStore, UnknownFuture
@@ -32,7 +33,7 @@ from actors.controller.training import TrainingService
 from actors.controller.workers import WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq,
+    AdminReq, Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq,
     CreateSamplingSessionReq, CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp,
     FinishSessionReq, FinishSessionResp, ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp,
     GetSessionReq, GetSessionResp, ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, ReassignUserReq,
@@ -45,6 +46,10 @@ from cluster.transport import AsyncPeer
 
 log = logging.getLogger(__name__)
 _SWEEP_INTERVAL_S = 10.0
+SHUTDOWN_DELAY_S = 0.3
+# what a draining controller refuses: anything that starts new work (polls, heartbeats, listings go on)
+NEW_WORK = (CreateSessionReq, CreateModelReq, ForwardBackwardReq, OptimStepReq, SaveWeightsForSamplerReq,
+            SaveWeightsReq, SaveWeightsExternalReq, LoadWeightsReq, CreateSamplingSessionReq, SampleReq)
 
 
 @dataclass
@@ -76,7 +81,11 @@ class Controller:
         self.checkpoints = CheckpointService(self.store)
         self.sessions: dict[str, Session] = {}
         self.api = AsyncPeer(self.ctx, zmq.ROUTER, config.controller.api_address, bind=True)
-        self._handler_owners = (self, self.checkpoints)
+        self.api_last_seen: float | None = None  # monotonic time of the API's latest request
+        self.draining = False  # the admin probe's drain: new work is refused
+        self._shutdown = asyncio.Event()
+        self.admin = AdminService(self)
+        self._handler_owners = (self, self.checkpoints, self.admin)
         self._restore()
 
     def _restore(self) -> None:
@@ -104,9 +113,15 @@ class Controller:
         if self.residency.colocated:
             tasks.append(asyncio.create_task(self.residency.run(self.workers.ready.wait())))
         log.info("controller listening: api=%s workers=%s", self.api.address, self.workers.peer.address)
+        stop = asyncio.create_task(self._shutdown.wait())
         try:
-            await asyncio.gather(*tasks)
+            done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {stop}:
+                task.result()  # a task that ended on its own failed: say why
+            log.info("shutting down (asked by the admin probe)")
         finally:
+            for task in [*tasks, stop]:
+                task.cancel()
             for peer in list(self.workers.trainers.values()) + [e.identity for e in self.workers.engines.values()]:
                 try:
                     self.workers.peer.send(peer, ShutdownEvent())
@@ -118,7 +133,17 @@ class Controller:
         name = f"handle_{type(req).__name__}"
         return next((getattr(owner, name) for owner in self._handler_owners if hasattr(owner, name)), None)
 
+    def request_shutdown(self) -> None:
+        """Stop the event loop shortly (after the answer to the probe has left)."""
+        asyncio.get_running_loop().call_later(SHUTDOWN_DELAY_S, self._shutdown.set)
+
     async def _on_api_message(self, peer: bytes, req) -> None:
+        if not isinstance(req, AdminReq):
+            self.api_last_seen = time.monotonic()
+            if self.draining and isinstance(req, NEW_WORK):
+                self.api.reply(peer, req, ErrorResp(status=503, detail="the server is draining (an administrator "
+                                                                   "stopped new work); what was queued finishes"))
+                return
         handler = self._handler(req)
         if handler is None:
             self.api.reply(peer, req, ErrorResp(status=400, detail=f"unsupported request {type(req).__name__}"))

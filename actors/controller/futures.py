@@ -128,5 +128,17 @@ class FutureStore:
         self.store.delete_futures_settled_before(time.time() - self.keep_s)
         return len(stale)
 
+    def describe(self, recent: int) -> list[dict]:
+        """Every pending future, then the `recent` most recently settled ones (for the admin probe)."""
+        now = time.monotonic()
+        pending = [(rid, f) for rid, f in self._futures.items() if f.settled_at is None]
+        settled = sorted(((rid, f) for rid, f in self._futures.items() if f.settled_at is not None),
+                         key=lambda item: item[1].settled_at, reverse=True)[:recent]
+        return [{"request_id": rid, "kind": f.kind, "user": f.user,
+                 "state": "pending" if f.settled_at is None else ("failed" if f.error else "finished"),
+                 "age_s": round(now - f.created, 1),
+                 "took_s": None if f.settled_at is None else round(f.settled_at - f.created, 3),
+                 "error": f.error[:120]} for rid, f in pending + settled]
+
     def __len__(self) -> int:
         return len(self._futures)

@@ -49,6 +49,10 @@ class SeqLedger:
         self._waiting.clear()
         return ops
 
+    def drain_preview(self) -> list[Any]:
+        """The ops waiting for a gap, left in place."""
+        return [op for op in self._waiting.values() if op is not None]
+
     @property
     def gaps(self) -> list[int]:
         """seq_ids still missing below the highest one received."""

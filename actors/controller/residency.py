@@ -316,4 +316,4 @@ class Residency:
                 "switches": self.switches, "training_linger_ms": self.linger_s * 1000,
                 "max_phase_ms": self.max_phase_s * 1000,
                 "waiting": {side: len(w) for side, w in self._waiters.items()},
-                "active": dict(self._active), "barriers": list(self.barriers)[-last:]}
+                "active": dict(self._active), "barriers": list(self.barriers)[-last:] if last else []}

@@ -58,6 +58,8 @@ class TrainingRun:
     slot: int
     create_request_id: str
     ledger: SeqLedger = field(default_factory=SeqLedger)
+    queued: int = 0  # its ops in the executor's queue or running
+    dropped: str = ""  # why an administrator dropped it: its queued ops fail with this
 
 
 @dataclass
@@ -86,6 +88,7 @@ class TrainingService:
         self.stability = stability
         self._stable_reinforce_sessions: set[str] = set()  # the notice is logged once per session
         self.runs: dict[str, TrainingRun] = {}
+        self.dropped: dict[str, str] = {}  # model_id -> why an administrator dropped it (for the 410)
         self.free_slots = list(range(config.trainer.max_adapters, 0, -1))
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
 
@@ -112,6 +115,8 @@ class TrainingService:
         if row["created"] < self.started_at:
             return ApiError(410, f"model {model_id!r} is gone: the server restarted after it was created, and a "
                                  f"run's adapter lives in memory only; {hint}")
+        if model_id in self.dropped:
+            return ApiError(410, f"model {model_id!r} is gone: {self.dropped[model_id]}; {hint}")
         reason = row["finish_reason"] or "finished"
         why = "expired (no heartbeat)" if reason == "expired" else f"finished ({reason})"
         return ApiError(410, f"model {model_id!r} is gone: its session {row['session_id']} {why}; {hint}")
@@ -125,7 +130,7 @@ class TrainingService:
         self._check_lora(req.lora)
         spec = replace(req.lora, seed=req.lora.seed if req.lora.seed is not None else random.randrange(2**31))
         run = self._new_run(model_id, req.session_id, user, spec, req.user_metadata)
-        self._queue.put_nowait(_Op(run, run.create_request_id, replace(req, lora=spec)))
+        self._enqueue(_Op(run, run.create_request_id, replace(req, lora=spec)))
         return SubmitResp(request_id=run.create_request_id, model_id=model_id)
 
     def create_from_state(self, req: LoadWeightsReq, user: str) -> SubmitResp:
@@ -135,7 +140,7 @@ class TrainingService:
             return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
         self._loadable_checkpoint(req)
         run = self._new_run(model_id, req.session_id, user, None, req.user_metadata)
-        self._queue.put_nowait(_Op(run, run.create_request_id, req))
+        self._enqueue(_Op(run, run.create_request_id, req))
         return SubmitResp(request_id=run.create_request_id, model_id=model_id)
 
     def _new_run(self, model_id: str, session_id: str, user: str, spec, user_metadata: dict) -> TrainingRun:
@@ -176,7 +181,7 @@ class TrainingService:
             raise
         request_id = self.futures.create(type(req).__name__, run.user)
         for op in run.ledger.submit(req.seq_id, request_id, _Op(run, request_id, req)):
-            self._queue.put_nowait(op)
+            self._enqueue(op)
         self.store.touch_training_run(run.model_id)
         return SubmitResp(request_id=request_id, model_id=run.model_id)
 
@@ -208,14 +213,30 @@ class TrainingService:
     def skip(self, run: TrainingRun, seq_id: int) -> None:
         """A refused submission still spent its seq_id: let the requests after it run."""
         for op in run.ledger.skip(seq_id):
-            self._queue.put_nowait(op)
+            self._enqueue(op)
 
     def release_session(self, session_id: str) -> None:
         for run in [r for r in self.runs.values() if r.session_id == session_id]:
             for op in run.ledger.drain():
                 self.futures.fail(op.request_id, "the session finished before this request could run", "user")
-            self._queue.put_nowait(_Op(run, "", DropRunOp()))
+            self._enqueue(_Op(run, "", DropRunOp()))
             del self.runs[run.model_id]
+
+    def kill_run(self, run: TrainingRun, reason: str) -> None:
+        """Drop a run at once (the admin probe): its waiting and queued requests fail, its slot is freed."""
+        for op in run.ledger.drain():
+            self.futures.fail(op.request_id, reason, "user")
+        run.dropped = self.dropped[run.model_id] = reason
+        self._enqueue(_Op(run, "", DropRunOp()))
+        del self.runs[run.model_id]
+
+    def queue_depth(self, run: TrainingRun) -> int:
+        """Its requests not yet done: queued or running, or waiting for an earlier seq_id."""
+        return run.queued + len(run.ledger.drain_preview())
+
+    def _enqueue(self, op: "_Op") -> None:
+        op.run.queued += 1
+        self._queue.put_nowait(op)
 
     def _check_base_model(self, base_model: str) -> None:
         served = {self.config.model.name, self.config.model.path}
@@ -289,13 +310,22 @@ class TrainingService:
     async def run_executor(self) -> None:
         while True:
             op = await self._queue.get()
-            handler = getattr(self, f"execute_{type(op.req).__name__}")
             try:
-                result = await handler(op.run, op.req)
-            except Exception as exc:
-                self._failed(op, *failure_of(exc, type(op.req).__name__))
-            else:
-                self.futures.resolve(op.request_id, result)
+                await self._execute(op)
+            finally:
+                op.run.queued -= 1
+
+    async def _execute(self, op: "_Op") -> None:
+        if op.run.dropped and not isinstance(op.req, DropRunOp):
+            self.futures.fail(op.request_id, op.run.dropped, "user")
+            return
+        handler = getattr(self, f"execute_{type(op.req).__name__}")
+        try:
+            result = await handler(op.run, op.req)
+        except Exception as exc:
+            self._failed(op, *failure_of(exc, type(op.req).__name__))
+        else:
+            self.futures.resolve(op.request_id, result)
 
     def _failed(self, op: _Op, error: str, category: str) -> None:
         self.futures.fail(op.request_id, error, category)

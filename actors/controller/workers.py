@@ -38,6 +38,14 @@ class WorkerFailure(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    at: float  # monotonic
+    pid: int
+    host: str
+    memory: dict[str, float]
+
+
 class EngineDied(WorkerFailure):
     """The engine a call went to died before it answered (the call may be tried on another)."""
 
@@ -51,6 +59,7 @@ class EngineHandle:
     alive: bool = True
     last_heartbeat: float = field(default_factory=time.monotonic)
     pid: int = 0
+    host: str = ""
     memory: dict[str, float] = field(default_factory=dict)
     death: str = ""  # why it was declared dead
     info: dict[str, Any] = field(default_factory=dict)  # what it said about itself when ready
@@ -67,6 +76,7 @@ class WorkerPool:
         self.trainers: dict[int, bytes] = {}
         self.engines: dict[int, EngineHandle] = {}
         self.trainer_info: dict[str, Any] = {}
+        self.trainer_beats: dict[int, Heartbeat] = {}  # rank -> its latest heartbeat
         self.ready = asyncio.Event()
         self.failure: str | None = None
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -117,9 +127,13 @@ class WorkerPool:
             self.ready.set()
 
     def handle_WorkerHeartbeatEvent(self, peer: bytes, msg: WorkerHeartbeatEvent) -> None:
+        if msg.role == "trainer":
+            self.trainer_beats[msg.rank] = Heartbeat(time.monotonic(), msg.pid, msg.host, dict(msg.memory))
+            return
         engine = self.engines.get(msg.rank) if msg.role == "engine" else None
         if engine is not None and engine.alive:
             engine.last_heartbeat, engine.pid, engine.memory = time.monotonic(), msg.pid, dict(msg.memory)
+            engine.host = msg.host
 
     def handle_WorkerFailedEvent(self, peer: bytes, msg: WorkerFailedEvent) -> None:
         engine = self.engines.get(msg.rank) if msg.role == "engine" else None

@@ -53,6 +53,7 @@ from cluster.messages import (
     WorkerFailedEvent,
     WorkerReadyEvent,
 )
+from cluster.heartbeat import Heartbeat
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import BlockingPeer, RemoteError
 
@@ -77,6 +78,7 @@ class TrainerWorker:
                                  bind=False, identity=f"trainer-{rank}".encode())
         self.engine_peers: dict[str, BlockingPeer] = {}
         self.backend: TrainerBackend | None = None
+        self.heartbeat: Heartbeat | None = None
         self.handlers: dict[type, Callable[[Any], Any]] = {
             TrainerCreateAdapterReq: self.handle_TrainerCreateAdapterReq,
             TrainerDropAdapterReq: self.handle_TrainerDropAdapterReq,
@@ -99,6 +101,10 @@ class TrainerWorker:
         self.backend = backend_class(self.config, self.rank, self.world_size, self.local_world_size)
         self.peer.send(WorkerReadyEvent(role=ROLE, rank=self.rank, world_size=self.world_size,
                                         coords=self.backend.coords, info=self.backend.info()))
+        # the same heartbeat as an engine's: the admin probe shows its pid, age and memory
+        self.heartbeat = Heartbeat(self.ctx, self.config.controller.worker_address, ROLE, self.rank,
+                                   self.config.engine.heartbeat_interval_s, self.backend.memory_stats)
+        self.heartbeat.start()
         log.info("trainer rank %d/%d ready: %s backend, %s, coords %s (%s)", self.rank, self.world_size,
                  self.config.trainer.backend, self.backend.dims.describe(), self.backend.coords, self.backend.info())
 
@@ -132,6 +138,8 @@ class TrainerWorker:
         self.peer.send(WorkerFailedEvent(role=ROLE, rank=self.rank, error=detail))
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         for peer in self.engine_peers.values():
             peer.close()
         # the last message may be the failure report the controller is waiting for

@@ -20,7 +20,7 @@ from cluster.config import ClusterConfig, ControllerConfig, ModelConfig, Trainer
 from cluster.messages import (
     AdamParams, DatumBatch, EngineLoadAdapterReq, EngineLoadAdapterResp, ErrorResp, LoraSpec, RankCoords,
     ShutdownEvent, TrainerCreateAdapterReq, TrainerCreateAdapterResp, TrainerForwardBackwardReq,
-    TrainerOptimStepReq, TrainerPushAdapterReq, WorkerFailedEvent, WorkerReadyEvent,
+    TrainerOptimStepReq, TrainerPushAdapterReq, WorkerFailedEvent, WorkerHeartbeatEvent, WorkerReadyEvent,
 )
 from cluster.transport import BlockingPeer
 from launch.cluster import free_port
@@ -50,9 +50,12 @@ def _launch(config_path: str, ranks: int) -> subprocess.Popen:
 
 
 def _recv(router: BlockingPeer):
-    got = router.recv(TIMEOUT_MS)
-    assert got is not None, "no message from the trainer in time"
-    return got
+    """The next message on `router`, the trainer's heartbeats (on a socket of their own) left out."""
+    while True:
+        got = router.recv(TIMEOUT_MS)
+        assert got is not None, "no message from the trainer in time"
+        if not isinstance(got[1], WorkerHeartbeatEvent):
+            return got
 
 
 def _call(router: BlockingPeer, identity: bytes, req):

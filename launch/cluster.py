@@ -10,8 +10,9 @@ state, so when it dies it is started again (same port; clients retry meanwhile),
 most API_RESTARTS times in API_RESTART_WINDOW_S. A dead engine is started again too, at
 most ENGINE_RESTARTS times in ENGINE_RESTART_WINDOW_S: the controller has noticed its
 missing heartbeats and re-queued or failed its samples, and takes it back when it says
-it is ready. If any other process dies, or on Ctrl-C / SIGTERM, everything is torn down
-and the cause is named.
+it is ready. A controller that exits with code 0 was asked to by the admin probe
+(launch/probe.py shutdown): everything stops and the launcher exits 0. If any other
+process dies, or on Ctrl-C / SIGTERM, everything is torn down and the cause is named.
 """
 
 from __future__ import annotations

@@ -78,7 +78,9 @@ def test_release_frees_rss_and_resume_restores_samples(engine):
           f"{rss_sampled / MB:.0f} MB")
     assert rss_loaded - rss_released > 0.8 * weights  # the weights' memory went back to the OS
     assert rss_resumed - rss_released > 0.8 * weights  # and came back
-    assert abs(rss_sampled - rss_loaded) < 0.2 * weights
+    # one copy, not two (the reload's own is gone). Measured from the release, not from before it: the trim at
+    # the release also hands back whatever earlier tests of this process left in the heap
+    assert rss_sampled - rss_released < 1.5 * weights
     assert after == before
     assert before["lora"] != before["base"]  # the adapter matters, so the check above covers it
 

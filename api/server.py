@@ -182,6 +182,9 @@ class Handlers:
             raise HttpError(503, status.detail or f"cluster not ready; workers: {status.workers}")
         # every worker's state (an engine being restarted shows as such), and the colocation state
         # machine (actors/controller/residency.py): mode, phase, the last barriers
+        if status.degraded:  # still serving (sampling at least): 200, but say what is gone
+            return json_response({"status": "degraded", "detail": status.degraded, "workers": status.workers,
+                                  "residency": status.residency})
         return json_response({"status": "ok", "workers": status.workers, "residency": status.residency})
 
     async def server_capabilities(self, request: web.Request) -> web.Response:

@@ -51,6 +51,8 @@ class ControllerConfig:
     max_phase_ms: float = 2000.0
     # an engine without a heartbeat for this long is dead: its samples are re-queued or failed
     heartbeat_timeout_s: float = 10.0
+    # the share of a run's trainer time its recovery snapshots may take (actors/controller/recovery.py)
+    snapshot_budget: float = 0.05
     admin_token_file: str = ""  # what launch/probe.py must present (written by the launcher, mode 0600)
 
 

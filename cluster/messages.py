@@ -451,6 +451,8 @@ class ClusterStatusResp(Message):
     failed: bool = False  # a worker failed: the cluster will not become ready (detail says why)
     # the colocation state machine: {"mode": "dedicated"} or {"mode": "colocated", "phase": …, "barriers": […]}
     residency: dict[str, Any] = field(default_factory=dict)
+    # serving, but not all of it: e.g. the trainer group could not be restarted (training answers 503)
+    degraded: str = ""
 
 
 @message
@@ -742,6 +744,22 @@ class AdminKillRunReq(AdminReq):
 @message
 class AdminShutdownReq(AdminReq):
     """Stop the cluster: the controller answers, tells every worker to stop, and exits; the launcher follows."""
+
+
+@message
+class AdminWorkerReportReq(AdminReq):
+    """The launcher's line to the controller about its processes (launch/cluster.py's supervisor).
+
+    `report`: "" (a poll), "exited" (the process(es) of `role` `index` exited: for role "trainer" the whole group
+    is gone), or "lost" (the launcher gave up restarting them). Answered with the controller's view of the trainer
+    group: `info["trainer_deaths"]` counts the deaths it declared, so the launcher can tell a group the controller
+    found hung (late heartbeats, a call past its timeout) and kill it.
+    """
+
+    role: str = "trainer"
+    index: int = 0
+    report: str = ""
+    detail: str = ""
 
 
 @message

@@ -37,3 +37,25 @@ def setup_logging(name: str) -> None:
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children first), from /proc: torchrun starts each rank in a session of
+    its own, so killing torchrun's process group would miss them, and a stopped rank ignores the SIGTERM its
+    parent's death sends."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, frontier = [], [pid]
+    while frontier:
+        below = children.get(frontier.pop(), [])
+        found += below
+        frontier += below
+    return found

@@ -10,9 +10,14 @@ state, so when it dies it is started again (same port; clients retry meanwhile),
 most API_RESTARTS times in API_RESTART_WINDOW_S. A dead engine is started again too, at
 most ENGINE_RESTARTS times in ENGINE_RESTART_WINDOW_S: the controller has noticed its
 missing heartbeats and re-queued or failed its samples, and takes it back when it says
-it is ready. A controller that exits with code 0 was asked to by the admin probe
-(launch/probe.py shutdown): everything stops and the launcher exits 0. If any other
-process dies, or on Ctrl-C / SIGTERM, everything is torn down and the cause is named.
+it is ready; past the limit it stays down and the others sample. When any trainer
+process dies, or the controller finds the group hung, the whole trainer group is killed
+and started again (launch/supervision.py), and the controller rebuilds every run
+(actors/controller/recovery.py); past TRAINER_RESTARTS, training answers 503 and
+sampling goes on. A controller that exits with code 0 was asked to by the admin probe
+(launch/probe.py shutdown): everything stops and the launcher exits 0. If the
+controller or the API (past its limit) dies, or on Ctrl-C / SIGTERM, everything is torn
+down and the cause is named.
 """
 
 from __future__ import annotations
@@ -40,15 +45,16 @@ if __name__ == "__main__" and not __package__:
 from cluster.backends import ENGINE_BACKENDS, TRAINER_BACKENDS, check_backend  # noqa: E402
 from cluster.config import ClusterConfig, ControllerConfig, ModelConfig, TrainerConfig  # noqa: E402
 from cluster.parallel import ParallelDims  # noqa: E402
-from cluster.process import die_with_parent  # noqa: E402
+from cluster.process import descendants, die_with_parent  # noqa: E402
 from cluster.users import load_api_keys  # noqa: E402
 from launch.sglang_env import default_env_dir  # noqa: E402
+from launch.supervision import ControllerLink, TrainerGroupWatch  # noqa: E402
 
 STARTUP_TIMEOUT_S = 600.0
 API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_WINDOW_S
 API_RESTART_WINDOW_S = 60.0
 # a dead engine is started again (the controller re-queues or fails its samples meanwhile), at most
-# ENGINE_RESTARTS times per engine in ENGINE_RESTART_WINDOW_S; an engine that keeps dying stops the cluster
+# ENGINE_RESTARTS times per engine in ENGINE_RESTART_WINDOW_S; an engine that keeps dying stays down
 ADMIN_TOKEN_FILE = "admin.token"  # in STATE_DIR/run
 ENGINE_RESTARTS = 3
 ENGINE_RESTART_WINDOW_S = 600.0
@@ -92,8 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-loras-per-batch", type=int, default=8, metavar="N",
                    help="sglang: distinct adapters one batch may mix (default %(default)s)")
     p.add_argument("--heartbeat-timeout", type=float, default=ControllerConfig.heartbeat_timeout_s,
-                   metavar="SECONDS", help="an engine without a heartbeat for this long is dead: its samples are "
-                                           "re-queued on another engine or failed (default %(default)g)")
+                   metavar="SECONDS", help="an engine or trainer rank without a heartbeat for this long is dead: "
+                                           "an engine's samples are re-queued on another engine or failed, a "
+                                           "trainer group is restarted and its runs rebuilt (default %(default)g)")
+    p.add_argument("--snapshot-budget", type=float, default=ControllerConfig.snapshot_budget, metavar="FRACTION",
+                   help="the share of a training run's trainer time its recovery snapshots may take; between "
+                        "snapshots the controller keeps a replay log (README 'Surviving failures'; "
+                        "default %(default)g)")
     p.add_argument("--max-adapters", type=int, default=8, help="LoRA training runs held at once")
     p.add_argument("--max-lora-rank", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -111,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _check_colocation_args(p, args)
     if args.session_timeout <= 0:
         p.error("--session-timeout must be positive")
+    if not 0 < args.snapshot_budget <= 1:
+        p.error("--snapshot-budget must be in (0, 1]")
     if args.max_adapters_per_user is not None and args.max_adapters_per_user < 1:
         p.error("--max-adapters-per-user must be at least 1")
     if args.trainer_ranks is None:
@@ -224,6 +237,7 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     config.controller.session_timeout_s = args.session_timeout
     config.controller.max_adapters_per_user = args.max_adapters_per_user
     config.controller.heartbeat_timeout_s = args.heartbeat_timeout
+    config.controller.snapshot_budget = args.snapshot_budget
     config.controller.colocate = args.colocate
     config.controller.training_linger_ms, config.controller.max_phase_ms = args.training_linger_ms, args.max_phase_ms
     config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
@@ -292,10 +306,23 @@ class Cluster:
         self.spawn("api", self._api_command())
         for i in range(self.config.engine.count):
             self.spawn(f"engine{i}", self._engine_command(i))
-        self.spawn("trainer", [py, "-m", "torch.distributed.run", "--nnodes", "1",
+        self.start_trainers()
+
+    def start_trainers(self) -> None:
+        cfg = ["--config", str(self.config_path)]
+        self.spawn("trainer", [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                                "--nproc-per-node", str(self.config.trainer.ranks),
                                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                                "-m", "actors.trainer.main", *cfg])
+
+    def trainer_children(self) -> list[Child]:
+        return [c for c in self.children if c.name == "trainer" or c.name.startswith("trainer@")]
+
+    def stop_trainers(self) -> None:
+        """Kill every trainer process, ranks included (a stopped or hung rank heeds nothing gentler)."""
+        for child in self.trainer_children():
+            _kill_tree(child.proc)
+            self.children.remove(child)
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
@@ -318,20 +345,61 @@ class Cluster:
         raise TimeoutError(f"cluster not ready after {STARTUP_TIMEOUT_S:.0f} s; logs in {self.log_dir}")
 
     def supervise(self) -> None:
-        """Wait for a child to die: restart the API (stateless) and engines (bounded), give up on anything else."""
-        while True:
-            while (dead := self.dead_child()) is None:
-                time.sleep(0.2)
-            if dead.name == "controller" and dead.proc.returncode == 0:
-                raise ShutdownRequested  # the controller exits cleanly only when the probe asks it to
-            restart = self._restart_command(dead)
-            if restart is None:
-                raise ChildDied(dead)
-            self.children.remove(dead)
-            print(f"tinkerd: {dead.name} exited with code {dead.proc.returncode}; restarting it "
-                  f"({len(self.restarts[dead.name])} restart(s) in the last {self._window(dead.name):.0f} s; "
-                  f"log in {dead.log_path})", flush=True)
-            self.spawn(dead.name, restart)
+        """Wait for a child to die: restart the API (stateless), engines and the trainer group (bounded); give up
+        on anything else. A trainer group the controller found hung is killed and restarted too."""
+        link = ControllerLink(self.config.controller.api_address, self.config.controller.admin_token_file)
+        self.trainer_watch = TrainerGroupWatch(link)
+        try:
+            while True:
+                dead = self._wait_for_death()
+                if isinstance(dead, str):  # the controller declared the group dead while its processes still run
+                    self._restart_trainers(f"the controller found it hung: {dead}")
+                    continue
+                if dead.name == "controller" and dead.proc.returncode == 0:
+                    raise ShutdownRequested  # the controller exits cleanly only when the probe asks it to
+                if dead in self.trainer_children():
+                    why = f"{dead.name} exited with code {dead.proc.returncode} (log in {dead.log_path})"
+                    self.trainer_watch.exited(why)
+                    self._restart_trainers(why)
+                    continue
+                self._restart_other(dead)
+        finally:
+            link.close()
+
+    def _wait_for_death(self) -> Child | str:
+        """The first child found dead, or why the controller declared the running trainer group dead."""
+        while (dead := self.dead_child()) is None:
+            if self.trainer_children() and (why := self.trainer_watch.hung()):
+                return why
+            time.sleep(0.2)
+        return dead
+
+    def _restart_trainers(self, why: str) -> None:
+        self.stop_trainers()
+        watch = self.trainer_watch
+        if not watch.may_restart():
+            print(f"tinkerd: the trainer group died again ({why}); {watch.describe_restarts()} is past the "
+                  f"limit, so training stays unavailable (503) while sampling goes on", flush=True)
+            watch.give_up(f"it died {len(watch.restarted_at)} times within {watch.window_s:.0f} s; last: {why}")
+            return
+        print(f"tinkerd: the trainer group died ({why}); restarting it ({watch.describe_restarts()})", flush=True)
+        self.start_trainers()
+
+    def _restart_other(self, dead: Child) -> None:
+        restart = self._restart_command(dead)
+        if restart is None and dead.name.startswith("engine"):
+            self.children.remove(dead)  # an engine that keeps dying: the others go on sampling
+            why = f"it exited {len(self.restarts[dead.name]) - 1} time(s) after restarts (log in {dead.log_path})"
+            print(f"tinkerd: {dead.name} keeps dying; not restarting it again ({why})", flush=True)
+            self.trainer_watch.link.report("engine", int(dead.name.removeprefix("engine")), "lost", why)
+            return
+        if restart is None:
+            raise ChildDied(dead)
+        self.children.remove(dead)
+        print(f"tinkerd: {dead.name} exited with code {dead.proc.returncode}; restarting it "
+              f"({len(self.restarts[dead.name])} restart(s) in the last {self._window(dead.name):.0f} s; "
+              f"log in {dead.log_path})", flush=True)
+        self.spawn(dead.name, restart)
 
     def _restart_command(self, dead: Child) -> list[str] | None:
         """The command that starts `dead` again, or None if it may not be restarted (any more)."""
@@ -361,6 +429,15 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 class ShutdownRequested(Exception):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from actors.controller.errors import ApiError
 from cluster.messages import (
     AdminDrainReq, AdminFuturesReq, AdminKillRunReq, AdminReq, AdminResp, AdminRunsReq, AdminSessionsReq,
-    AdminShutdownReq, AdminStatusReq,
+    AdminShutdownReq, AdminStatusReq, AdminWorkerReportReq,
 )
 
 if TYPE_CHECKING:
@@ -53,9 +53,10 @@ class AdminService:
         c = self.controller
         now = time.monotonic()
         rows = []
+        states = c.workers.describe()
         for rank in range(c.workers.expected_trainers):
-            beat = c.workers.trainer_beats.get(rank)
-            state = "ready" if rank in c.workers.trainers else "starting"
+            beat = c.workers.group.beats.get(rank)
+            state = states[f"trainer{rank}"]
             rows.append(_worker_row(f"trainer{rank}", "trainer", state, beat and beat.host, beat and beat.pid,
                                     beat and now - beat.at, beat.memory if beat else {}))
         for index in range(c.workers.expected_engines):
@@ -63,7 +64,7 @@ class AdminService:
             if engine is None:
                 rows.append(_worker_row(f"engine{index}", "engine", "starting", None, None, None, {}))
             else:
-                state = "ready" if engine.alive else "dead (restarting)"
+                state = c.workers.describe()[f"engine{index}"]
                 rows.append(_worker_row(f"engine{index}", "engine", state, engine.host or None, engine.pid or None,
                                         now - engine.last_heartbeat, engine.memory))
         api_age = None if c.api_last_seen is None else now - c.api_last_seen
@@ -74,6 +75,7 @@ class AdminService:
                 "trainer_backend": config.trainer.backend, "layout": c.workers.dims.describe(),
                 "engine_backend": config.engine.backend, "engines": config.engine.count,
                 "draining": c.draining, "failure": c.workers.failure, "engine_restarts": c.workers.engine_restarts,
+                "trainer_group": self._trainer_group(), "degraded": c.workers.degraded,
                 "residency": c.residency.describe(last=0)}
         return AdminResp(info=info, rows=rows)
 
@@ -122,6 +124,24 @@ class AdminService:
         self.controller.training.kill_run(run, "the run was dropped by an administrator")
         log.warning("run %s (user %s, slot %d) dropped by an administrator", run.model_id, run.user, run.slot)
         return AdminResp(info={"killed": run.model_id, "user": run.user, "adapter_slot": run.slot})
+
+    def handle_AdminWorkerReportReq(self, req: AdminWorkerReportReq) -> AdminResp:
+        """The launcher reports processes that exited or that it gave up on; answers what the controller sees."""
+        self._check(req)
+        workers = self.controller.workers
+        if req.role == "trainer" and req.report == "exited":
+            workers.trainer_group_died(req.detail or "its processes exited")
+        elif req.role == "trainer" and req.report == "lost":
+            workers.trainer_group_lost(req.detail or "the launcher could not restart it")
+        elif req.role == "engine" and req.report == "lost":
+            workers.engine_lost(req.index, req.detail or "the launcher could not restart it")
+        elif req.report:
+            raise ApiError(400, f"unknown worker report {req.role!r}/{req.report!r}")
+        return AdminResp(info={"trainer_group": self._trainer_group()})
+
+    def _trainer_group(self) -> dict:
+        group = self.controller.workers.group
+        return {"state": group.state, "generation": group.generation, "deaths": group.deaths, "why": group.why}
 
     def handle_AdminShutdownReq(self, req: AdminShutdownReq) -> AdminResp:
         self._check(req)

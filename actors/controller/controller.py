@@ -122,7 +122,7 @@ class Controller:
         finally:
             for task in [*tasks, stop]:
                 task.cancel()
-            for peer in list(self.workers.trainers.values()) + [e.identity for e in self.workers.engines.values()]:
+            for peer in list(self.workers.group.ranks.values()) + [e.identity for e in self.workers.engines.values()]:
                 try:
                     self.workers.peer.send(peer, ShutdownEvent())
                 except zmq.ZMQError:
@@ -320,7 +320,7 @@ class Controller:
         return ClusterStatusResp(ready=self.workers.ready.is_set() and not self.workers.failure,
                                  model_name=self.config.model.name, workers=self.workers.describe(),
                                  detail=self.workers.failure or "", failed=bool(self.workers.failure),
-                                 residency=self.residency.describe())
+                                 residency=self.residency.describe(), degraded=self.workers.degraded)
 
     # -- residency fan-outs (actors/controller/residency.py) ----------------------------
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,10 +26,11 @@ from actors.controller.checkpoints import expiry_for
 from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
 from actors.controller.ledger import SeqLedger
+from actors.controller.recovery import RunJournal, forget_snapshots, snapshot_root
 from actors.controller.residency import Residency
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
-from actors.controller.workers import WorkerPool
+from actors.controller.workers import TrainerGroupDied, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.metrics import merge_metrics
 from cluster.parallel import EXPORTING_RANK
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 # saving another checkpoint would otherwise remove.
 _CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WRITER_SUFFIXES = (".tmp", ".old")
+# a run whose requests were in flight when the trainer group died this many times in a row is not rebuilt again
+# (its own batch may be what kills the ranks): its requests fail, naming its latest checkpoint
+RUN_REBUILD_ATTEMPTS = 3
 
 
 @dataclass
@@ -60,6 +65,7 @@ class TrainingRun:
     ledger: SeqLedger = field(default_factory=SeqLedger)
     queued: int = 0  # its ops in the executor's queue or running
     dropped: str = ""  # why an administrator dropped it: its queued ops fail with this
+    journal: RunJournal = field(default_factory=RunJournal)  # how to rebuild it (actors/controller/recovery.py)
 
 
 @dataclass
@@ -108,10 +114,7 @@ class TrainingService:
         row = self.store.training_run(model_id)
         if row is None or not caller.owns(row["user"]):
             return _unknown_model(model_id)
-        hint = "resume from a checkpoint with ServiceClient.create_training_client_from_state(<tinker path>)"
-        latest = self.store.latest_checkpoint(model_id, "weights")
-        hint += f"; its latest training checkpoint is {latest['tinker_path']}" if latest else \
-            " (this run saved no training checkpoint)"
+        hint = self._resume_hint(model_id)
         if row["created"] < self.started_at:
             return ApiError(410, f"model {model_id!r} is gone: the server restarted after it was created, and a "
                                  f"run's adapter lives in memory only; {hint}")
@@ -121,11 +124,22 @@ class TrainingService:
         why = "expired (no heartbeat)" if reason == "expired" else f"finished ({reason})"
         return ApiError(410, f"model {model_id!r} is gone: its session {row['session_id']} {why}; {hint}")
 
+    def _resume_hint(self, model_id: str) -> str:
+        hint = "resume from a checkpoint with ServiceClient.create_training_client_from_state(<tinker path>)"
+        latest = self.store.latest_checkpoint(model_id, "weights")
+        return hint + (f"; its latest training checkpoint is {latest['tinker_path']}" if latest else
+                       " (this run saved no training checkpoint)")
+
+    def _check_training_available(self) -> None:
+        if self.workers.training_unavailable:  # the trainer group is gone for good; a restarting one queues
+            raise ApiError(503, self.workers.training_unavailable)
+
     def create(self, req: CreateModelReq, user: str) -> SubmitResp:
         """A new run in the caller's session `req.session_id` (its owner is `user`)."""
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         if model_id in self.runs:  # the SDK retried a create whose answer got lost
             return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
+        self._check_training_available()
         self._check_base_model(req.base_model)
         self._check_lora(req.lora)
         spec = replace(req.lora, seed=req.lora.seed if req.lora.seed is not None else random.randrange(2**31))
@@ -138,6 +152,7 @@ class TrainingService:
         model_id = f"{req.session_id}:train:{req.model_seq_id}"
         if model_id in self.runs:
             return SubmitResp(request_id=self.runs[model_id].create_request_id, model_id=model_id)
+        self._check_training_available()
         self._loadable_checkpoint(req)
         run = self._new_run(model_id, req.session_id, user, None, req.user_metadata)
         self._enqueue(_Op(run, run.create_request_id, req))
@@ -174,6 +189,7 @@ class TrainingService:
             return SubmitResp(request_id=existing, model_id=run.model_id)
         if req.seq_id < 1:
             raise ApiError(400, f"seq_id must be >= 1 (0 is the model's creation), got {req.seq_id}")
+        self._check_training_available()
         try:
             req = self._checked_request(run, req)
         except ApiError:
@@ -217,16 +233,17 @@ class TrainingService:
 
     def release_session(self, session_id: str) -> None:
         for run in [r for r in self.runs.values() if r.session_id == session_id]:
-            for op in run.ledger.drain():
-                self.futures.fail(op.request_id, "the session finished before this request could run", "user")
-            self._enqueue(_Op(run, "", DropRunOp()))
-            del self.runs[run.model_id]
+            self._retire(run, "the session finished before this request could run")
 
     def kill_run(self, run: TrainingRun, reason: str) -> None:
-        """Drop a run at once (the admin probe): its waiting and queued requests fail, its slot is freed."""
+        """Drop a run at once (the admin probe, or a run that cannot be rebuilt): its requests fail, its slot frees."""
+        run.dropped = self.dropped[run.model_id] = reason
+        self._retire(run, reason)
+
+    def _retire(self, run: TrainingRun, reason: str) -> None:
+        """Fail the run's requests still waiting for a gap, and free its slot after what is queued."""
         for op in run.ledger.drain():
             self.futures.fail(op.request_id, reason, "user")
-        run.dropped = self.dropped[run.model_id] = reason
         self._enqueue(_Op(run, "", DropRunOp()))
         del self.runs[run.model_id]
 
@@ -319,13 +336,70 @@ class TrainingService:
         if op.run.dropped and not isinstance(op.req, DropRunOp):
             self.futures.fail(op.request_id, op.run.dropped, "user")
             return
-        handler = getattr(self, f"execute_{type(op.req).__name__}")
         try:
-            result = await handler(op.run, op.req)
+            result = await self._run_rebuilding(op.run, op.req)
         except Exception as exc:
             self._failed(op, *failure_of(exc, type(op.req).__name__))
         else:
             self.futures.resolve(op.request_id, result)
+
+    async def _run_rebuilding(self, run: TrainingRun, req: Any) -> Any:
+        """Run `req`; if the trainer group dies meanwhile, wait for the new one, rebuild the run and run it again."""
+        if isinstance(req, DropRunOp):
+            return await self.execute_DropRunOp(run, req)
+        handler = getattr(self, f"execute_{type(req).__name__}")
+        while True:
+            try:
+                if run.journal.generation not in (0, self.workers.group.generation):
+                    await self._rebuild(run)
+                started = time.monotonic()
+                result = await handler(run, req)
+            except TrainerGroupDied as exc:
+                run.journal.deaths += 1
+                if run.journal.deaths >= RUN_REBUILD_ATTEMPTS:
+                    self._give_up(run, f"the trainer group died {run.journal.deaths} times in a row while this "
+                                       f"run's requests ran (last: {exc}), so tinkerd stopped rebuilding it")
+                    raise ApiError(500, f"{run.dropped}; {self._resume_hint(run.model_id)}") from None
+                log.warning("run %s: %s; waiting for the restarted trainer group to run %s again", run.model_id,
+                            exc, type(req).__name__)
+                await self.workers.wait_for_trainers()  # TrainerGroupLost: the request fails, saying so
+                continue
+            run.journal.record(req, time.monotonic() - started, self.workers.group.generation)
+            if run.journal.snapshot_due(self.config.controller.snapshot_budget):
+                await self._snapshot(run)
+            return result
+
+    async def _rebuild(self, run: TrainingRun) -> None:
+        """Bring the run's adapter back in a new trainer group: its snapshot, then its replay log, in order."""
+        journal, started = run.journal, time.monotonic()
+        if journal.snapshot:
+            seed = run.lora.seed if run.lora is not None else None
+            await self._trainer_broadcast(lambda: TrainerLoadStateReq(
+                slot=run.slot, directory=journal.snapshot, with_optimizer=True, seed=seed))
+        for logged in journal.log:
+            await getattr(self, f"execute_{type(logged).__name__}")(run, logged)
+        journal.generation = self.workers.group.generation
+        log.warning("run %s rebuilt in trainer generation %d: %s + %d replayed request(s) in %.0f ms", run.model_id,
+                    journal.generation, "snapshot" if journal.snapshot else "no snapshot", len(journal.log),
+                    (time.monotonic() - started) * 1e3)
+
+    async def _snapshot(self, run: TrainingRun) -> None:
+        """Write the run's state for a rebuild; if that fails the log just grows, so the step stands."""
+        directory = run.journal.next_snapshot_dir(snapshot_root(self.config.state_dir, run.model_id))
+        started = time.monotonic()
+        try:
+            await self._trainer_broadcast(
+                lambda: TrainerSaveStateReq(slot=run.slot, directory=directory, with_optimizer=True))
+        except Exception as exc:  # the trainer died meanwhile, or the disk is full: the replay log still has it
+            log.warning("run %s: snapshot into %s failed (%s); its replay log keeps growing", run.model_id,
+                        directory, exc)
+            return
+        run.journal.snapshot_taken(directory, time.monotonic() - started)
+
+    def _give_up(self, run: TrainingRun, reason: str) -> None:
+        log.error("run %s (user %s): %s", run.model_id, run.user, reason)
+        if self.runs.get(run.model_id) is run:
+            self.kill_run(run, reason)
 
     def _failed(self, op: _Op, error: str, category: str) -> None:
         self.futures.fail(op.request_id, error, category)
@@ -414,9 +488,11 @@ class TrainingService:
 
     async def execute_DropRunOp(self, run: TrainingRun, req: DropRunOp) -> None:
         try:
-            await self._trainer_broadcast(lambda: TrainerDropAdapterReq(slot=run.slot))
+            if run.journal.generation == self.workers.group.generation:  # else its adapter died with a group
+                await self._trainer_broadcast(lambda: TrainerDropAdapterReq(slot=run.slot))
         finally:
             self.free_slots.append(run.slot)
+            forget_snapshots(self.config.state_dir, run.model_id)
 
 
 def _unknown_model(model_id: str) -> ApiError:

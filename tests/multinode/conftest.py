@@ -1,6 +1,6 @@
-"""Fixtures for the multi-node tests: virtual hosts (network namespaces with sshd). Missing system packages are
-installed with apt-get (root on Debian, as CI is), so the README's single test command needs nothing else;
-if that is impossible the fixture fails and says why - it never skips."""
+"""Fixtures for the multi-node tests: virtual hosts (network namespaces with sshd) and a 2-node SLURM cluster on
+them. Missing system packages are installed with apt-get (root on Debian, as CI is), so the README's single test
+command needs nothing else; if that is impossible the fixture fails and says why - it never skips."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.multinode.hosts import VirtualHosts
+from tests.multinode.slurm import SlurmCluster
 
 # The binaries the harness runs, and the Debian package that brings each one.
 REQUIRED_BINARIES = {
@@ -69,3 +70,11 @@ def virtual_hosts() -> Iterator[VirtualHosts]:
     with VirtualHosts() as hosts:
         yield hosts
 
+
+@pytest.fixture(scope="module")
+def slurm_cluster(virtual_hosts: VirtualHosts) -> Iterator[SlurmCluster]:
+    """A 2-node SLURM 22.05 cluster (slurmd on node1 and node2, slurmctld and munged in the root namespace) on the
+    module's virtual hosts."""
+    ensure_packages()
+    with SlurmCluster(virtual_hosts) as cluster:
+        yield cluster

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode.hosts import NODE_GLOO_ENV, VirtualHosts
+from tests.multinode.hosts import NODE_GLOO_ENV, HarnessError, VirtualHosts
 from tests.multinode.slurm import SlurmCluster
 
 pytestmark = pytest.mark.multinode
@@ -162,6 +162,17 @@ def test_scancel_ends_a_running_job_and_leaves_no_process_on_the_nodes(slurm_clu
     while left := {n: slurm_cluster.job_processes(n) for n in slurm_cluster.nodes if slurm_cluster.job_processes(n)}:
         assert time.monotonic() < deadline, f"processes left on the nodes after scancel: {left}"
         time.sleep(0.1)
+
+
+def test_a_set_up_that_fails_half_way_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_check(self: VirtualHosts) -> None:
+        raise HarnessError("ssh check broken on purpose")
+
+    monkeypatch.setattr(VirtualHosts, "_check_ssh", broken_check)
+    hosts = VirtualHosts(nodes=("node1",))
+    with pytest.raises(HarnessError, match="on purpose"):
+        hosts.__enter__()
+    assert hosts.leftovers() == []
 
 
 def test_a_new_instance_removes_what_a_killed_one_left() -> None:

@@ -98,7 +98,8 @@ class AdminService:
         c = self.controller
         rows = [{"user": run.user, "model_id": run.model_id, "session_id": run.session_id,
                  "adapter_slot": run.slot, "lora_rank": run.lora.rank if run.lora is not None else None,
-                 "queue_depth": c.training.queue_depth(run), "seq_gaps": run.ledger.gaps}
+                 "queue_depth": c.training.queue_depth(run), "seq_gaps": run.ledger.gaps,
+                 "recovery": run.journal.describe()}
                 for run in sorted(c.training.runs.values(), key=lambda r: (r.user, r.model_id))]
         info = {"runs": len(rows), "free_slots": len(c.training.free_slots),
                 "max_adapters": c.config.trainer.max_adapters}

@@ -1,6 +1,6 @@
-"""Fixtures for the multi-node tests: virtual hosts (network namespaces with sshd). Missing system packages are
-installed with apt-get (root on Debian, as CI is), so the README's single test command needs nothing else;
-if that is impossible the fixture fails and says why - it never skips."""
+"""Fixtures for the multi-node tests: virtual hosts (network namespaces with sshd) and a 2-node SLURM cluster on
+them. Missing system packages are installed with apt-get (root on Debian, as CI is), so the README's single test
+command needs nothing else; if that is impossible the fixture fails and says why - it never skips."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.multinode.hosts import VirtualHosts
+from tests.multinode.slurm import SlurmCluster
 
 # The binaries the harness runs, and the Debian package that brings each one.
 REQUIRED_BINARIES = {
@@ -57,15 +58,27 @@ def ensure_packages() -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # This hook sees the whole session's items: mark only the ones in this package.
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
+        if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.multinode)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def system_packages() -> None:
+    """Every test here needs them, also those that build their own VirtualHosts instead of using a fixture."""
+    ensure_packages()
 
 
 @pytest.fixture(scope="module")
 def virtual_hosts() -> Iterator[VirtualHosts]:
     """node1 and node2 with sshd, torn down after the module. Tests that lose a node (kill_node) should make their
     own VirtualHosts instead, so later tests in the module still have both."""
-    ensure_packages()
     with VirtualHosts() as hosts:
         yield hosts
 
+
+@pytest.fixture(scope="module")
+def slurm_cluster(virtual_hosts: VirtualHosts) -> Iterator[SlurmCluster]:
+    """A 2-node SLURM 22.05 cluster (slurmd on node1 and node2, slurmctld and munged in the root namespace) on the
+    module's virtual hosts."""
+    with SlurmCluster(virtual_hosts) as cluster:
+        yield cluster

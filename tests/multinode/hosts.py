@@ -402,6 +402,16 @@ class VirtualHosts:
         return ["nsenter", f"--net={NETNS_DIR / self.netns(node)}", "unshare", "--uts", "--mount",
                 "--propagation", "private", "sh", "-c", script, str(self.hosts_file(node)), node, *argv]
 
+    def head_argv(self, argv: Sequence[str]) -> list[str]:
+        """argv that runs in the root network namespace but with the head's hostname and the nodes' /etc/hosts (a
+        private UTS and mount namespace), for a daemon that must know itself by the head name (slurmctld)."""
+        hosts = self.workdir / "hosts-head"
+        if not hosts.exists():
+            hosts.write_text(self.hosts_text())
+        script = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
+        return ["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script, str(hosts),
+                self.head_name, *argv]
+
     def spawn_on(self, node: str, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
         """Start a daemon inside the node (see enter_argv); kill_node and teardown end it."""
         popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
@@ -436,6 +446,11 @@ class VirtualHosts:
     def pids_on(self, node: str) -> list[int]:
         """Every process whose network namespace is the node's."""
         return pids_in_netns(self._netns_inodes[node])
+
+    def daemon_pids(self, node: str) -> list[int]:
+        """The harness's own processes on the node (its sshd listener), to tell them from what a test started."""
+        sshd = self._sshd.get(node)
+        return [sshd.pid] if sshd is not None and sshd.poll() is None else []
 
     def kill_node(self, node: str, timeout: float = 5) -> list[int]:
         """Lose the node: SIGKILL every process in its namespace (sshd included), nothing outside it. The network

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.multinode.hosts import NODE_GLOO_ENV, VirtualHosts, free_port
+from tests.multinode.hosts import NODE_GLOO_ENV, HarnessError, VirtualHosts
+from tests.multinode.slurm import SlurmCluster
 
 pytestmark = pytest.mark.multinode
 GLOO_SCRIPT = Path(__file__).resolve().parent / "gloo_allreduce.py"
@@ -133,3 +134,60 @@ def test_teardown_leaves_nothing_behind() -> None:
         assert sshd_pids
     assert hosts.leftovers() == []
     assert not any(Path(f"/proc/{pid}").exists() for pid in sshd_pids)
+
+
+def test_sbatch_wrap_hostname_runs_on_a_node(slurm_cluster: SlurmCluster) -> None:
+    job_id = slurm_cluster.sbatch(None, "--wrap", "hostname")
+    slurm_cluster.wait_state(job_id, "COMPLETED")
+    node = slurm_cluster.job_info(job_id)["NodeList"]
+    assert node in slurm_cluster.nodes
+    assert slurm_cluster.output_path(job_id).read_text().split() == [node]
+
+
+def test_two_node_batch_script_srun_runs_on_both_nodes(slurm_cluster: SlurmCluster) -> None:
+    script = "#!/bin/bash\n#SBATCH --nodes=2 --ntasks=2\nsrun -N2 -n2 hostname\n"
+    job_id = slurm_cluster.sbatch(script)
+    slurm_cluster.wait_state(job_id, "COMPLETED")
+    assert sorted(slurm_cluster.output_path(job_id).read_text().split()) == ["node1", "node2"]
+
+
+def test_scancel_ends_a_running_job_and_leaves_no_process_on_the_nodes(slurm_cluster: SlurmCluster) -> None:
+    job_id = slurm_cluster.sbatch(None, "--wrap", "sleep 300")
+    slurm_cluster.wait_state(job_id, "RUNNING")
+    node = slurm_cluster.job_info(job_id)["NodeList"]
+    wait_for_command_on(slurm_cluster.hosts, node, b"sleep\x00300")
+    slurm_cluster.scancel(job_id)
+    slurm_cluster.wait_state(job_id, "CANCELLED", timeout=15)
+    deadline = time.monotonic() + 10
+    while left := {n: slurm_cluster.job_processes(n) for n in slurm_cluster.nodes if slurm_cluster.job_processes(n)}:
+        assert time.monotonic() < deadline, f"processes left on the nodes after scancel: {left}"
+        time.sleep(0.1)
+
+
+def test_a_set_up_that_fails_half_way_removes_what_it_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_check(self: VirtualHosts) -> None:
+        raise HarnessError("ssh check broken on purpose")
+
+    monkeypatch.setattr(VirtualHosts, "_check_ssh", broken_check)
+    hosts = VirtualHosts(nodes=("node1",))
+    with pytest.raises(HarnessError, match="on purpose"):
+        hosts.__enter__()
+    assert hosts.leftovers() == []
+
+
+def test_a_new_instance_removes_what_a_killed_one_left() -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom tests.multinode.hosts import VirtualHosts\n"
+         "hosts = VirtualHosts(nodes=('node1',)).__enter__()\nprint(hosts.suffix, flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        stale_suffix = owner.stdout.readline().strip()
+    finally:
+        owner.kill()  # SIGKILL: no teardown runs, as when a test run is killed
+        owner.wait()
+    assert stale_suffix, "the owner process did not set up its virtual hosts"
+    stale = VirtualHosts(nodes=("node1",))
+    stale.suffix = stale_suffix
+    assert any("mnh-" in item for item in stale.leftovers())
+    with VirtualHosts(nodes=("node1",)):
+        assert stale.leftovers() == []

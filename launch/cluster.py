@@ -2,6 +2,7 @@
 
     python -m launch.cluster                      # built-in tiny model on CPU
     python -m launch.cluster --model Qwen/Qwen3-0.6B --trainer-ranks 2 --port 8000
+    python -m launch.cluster --hostfile hosts --advertise-addr 10.0.0.10   # README 'Multi-node (hostfile)'
 
 Starts, as separate processes: the controller, the API front-end, the trainer ranks
 (under torchrun) and the engines; waits until the API reports every worker ready;
@@ -13,6 +14,8 @@ missing heartbeats and re-queued or failed its samples, and takes it back when i
 it is ready. A controller that exits with code 0 was asked to by the admin probe
 (launch/probe.py shutdown): everything stops and the launcher exits 0. If any other
 process dies, or on Ctrl-C / SIGTERM, everything is torn down and the cause is named.
+With --hostfile, trainer ranks and engines run on the hosts it names (launch/multinode.py),
+started over ssh or srun (launch/remote.py), their logs streamed to the same log files here.
 """
 
 from __future__ import annotations

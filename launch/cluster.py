@@ -2,6 +2,7 @@
 
     python -m launch.cluster                      # built-in tiny model on CPU
     python -m launch.cluster --model Qwen/Qwen3-0.6B --trainer-ranks 2 --port 8000
+    python -m launch.cluster --hostfile hosts --advertise-addr 10.0.0.10   # README 'Multi-node (hostfile)'
 
 Starts, as separate processes: the controller, the API front-end, the trainer ranks
 (under torchrun) and the engines; waits until the API reports every worker ready;
@@ -18,6 +19,8 @@ sampling goes on. A controller that exits with code 0 was asked to by the admin 
 (launch/probe.py shutdown): everything stops and the launcher exits 0. If the
 controller or the API (past its limit) dies, or on Ctrl-C / SIGTERM, everything is torn
 down and the cause is named.
+With --hostfile, trainer ranks and engines run on the hosts it names (launch/multinode.py),
+started over ssh or srun (launch/remote.py), their logs streamed to the same log files here.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ from cluster.config import ClusterConfig, ControllerConfig, ModelConfig, Trainer
 from cluster.parallel import ParallelDims  # noqa: E402
 from cluster.process import descendants, die_with_parent  # noqa: E402
 from cluster.users import load_api_keys  # noqa: E402
+from launch.hostfile import Placement  # noqa: E402
+from launch.multinode import (  # noqa: E402
+    HostCheckFailed, HostLayout, add_multinode_args, multinode_layout, plan_placement, resolve_hosts,
+)
 from launch.sglang_env import default_env_dir  # noqa: E402
 from launch.supervision import ControllerLink, TrainerGroupWatch  # noqa: E402
 
@@ -65,13 +72,13 @@ def default_state_dir() -> Path:
     return Path(base) / "tinkerd"
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="hub id or local directory (default: the built-in tiny model)")
     p.add_argument("--host", default="127.0.0.1")
@@ -88,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainer-timeout", type=float, default=TrainerConfig.call_timeout_s, metavar="SECONDS",
                    help="the longest a trainer rank may take to answer one step before the controller fails it "
                         "(a hung collective); default %(default)g")
-    p.add_argument("--engines", type=int, default=1, help="sampling engine processes")
+    p.add_argument("--engines", type=int, help="sampling engine processes (default: 1, or what --hostfile places)")
     p.add_argument("--engine-backend", default="torch", choices=sorted(ENGINE_BACKENDS),
                    help="torch: tinkerd's own engine (transformers model, LoRA slots); sglang: an SGLang engine "
                         "per engine process, run from SGLang's own virtualenv (--sglang-python)")
@@ -118,7 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a session without a heartbeat for this long expires and frees its adapter slots "
                         "(the SDK heartbeats every 10 s; default %(default)g)")
     _add_colocation_args(p)
+    add_multinode_args(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
+    args.placement = plan_placement(p, args)  # with a hostfile, it also fills in --trainer-ranks and --engines
     _check_colocation_args(p, args)
     if args.session_timeout <= 0:
         p.error("--session-timeout must be positive")
@@ -126,8 +140,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--snapshot-budget must be in (0, 1]")
     if args.max_adapters_per_user is not None and args.max_adapters_per_user < 1:
         p.error("--max-adapters-per-user must be at least 1")
-    if args.trainer_ranks is None:
-        args.trainer_ranks = args.tp * args.pp
     if args.trainer_timeout <= 0:
         p.error("--trainer-timeout must be positive")
     _check_trainer_layout(p, args)
@@ -233,7 +245,9 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     if args.api_keys_file:
         config.api.api_keys_file = str(args.api_keys_file.resolve())
     config.controller.api_address = f"tcp://127.0.0.1:{free_port()}"
-    config.controller.worker_address = f"tcp://127.0.0.1:{free_port()}"
+    # remote ranks and engines connect here: with a hostfile, an address every host reaches
+    worker_host = args.advertise_addr or "127.0.0.1"
+    config.controller.worker_address = f"tcp://{worker_host}:{free_port(worker_host)}"
     config.controller.session_timeout_s = args.session_timeout
     config.controller.max_adapters_per_user = args.max_adapters_per_user
     config.controller.heartbeat_timeout_s = args.heartbeat_timeout
@@ -264,14 +278,17 @@ def _child_env() -> dict[str, str]:
 @dataclass
 class Child:
     name: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen  # here, or the ssh client / srun standing for the process on its host
     log_path: Path
+    host: str = "localhost"
 
 
 class Cluster:
-    def __init__(self, config: ClusterConfig, config_path: Path):
+    def __init__(self, config: ClusterConfig, config_path: Path, layout: HostLayout | None = None):
         self.config = config
         self.config_path = config_path
+        self.layout = layout or HostLayout.single_node(
+            Placement.single_node(config.trainer.ranks, config.engine.count), _child_env())
         self.log_dir = Path(config.state_dir) / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
@@ -282,17 +299,16 @@ class Cluster:
         return f"http://{self.config.api.host}:{self.config.api.port}"
 
     def _engine_command(self, index: int) -> list[str]:
-        python = self.config.engine.sglang_python or sys.executable
+        host = self.layout.placement.engine_hosts[index]
+        python = self.config.engine.sglang_python or self.layout.spawners.python(host)
         return [python, "-m", "actors.engine.main", "--config", str(self.config_path), "--index", str(index)]
 
-    def spawn(self, name: str, cmd: list[str]) -> Child:
+    def spawn(self, name: str, cmd: list[str], host: str = "localhost") -> Child:
+        """Start `cmd` on `host`; its output goes to STATE_DIR/logs/<name>.log here, whichever host runs it."""
         log_path = self.log_dir / f"{name}.log"
-        log_file = open(log_path, "ab")
-        # own session: a terminal's Ctrl-C reaches only us, and we stop the children in order
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_child_env(),
-                                preexec_fn=die_with_parent, start_new_session=True)
-        log_file.close()
-        child = Child(name, proc, log_path)
+        with open(log_path, "ab") as log_file:
+            proc = self.layout.spawners.for_host(host).start(host, cmd, log_file)
+        child = Child(name, proc, log_path, host)
         self.children.append(child)
         return child
 
@@ -300,28 +316,49 @@ class Cluster:
         return [sys.executable, "-m", "api.server", "--config", str(self.config_path)]
 
     def start(self) -> None:
-        cfg = ["--config", str(self.config_path)]
-        py = sys.executable
-        self.spawn("controller", [py, "-m", "actors.controller.controller", *cfg])
+        self.spawn("controller", [sys.executable, "-m", "actors.controller.controller", "--config",
+                                  str(self.config_path)])
         self.spawn("api", self._api_command())
         for i in range(self.config.engine.count):
-            self.spawn(f"engine{i}", self._engine_command(i))
+            self.start_engine(i)
         self.start_trainers()
 
-    def start_trainers(self) -> None:
-        cfg = ["--config", str(self.config_path)]
-        self.spawn("trainer", [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                               "--nproc-per-node", str(self.config.trainer.ranks),
-                               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                               "-m", "actors.trainer.main", *cfg])
+    def start_engine(self, index: int) -> Child:
+        return self.spawn(f"engine{index}", self._engine_command(index), self.layout.placement.engine_hosts[index])
+
+    @property
+    def trainer_names(self) -> list[str]:
+        """One torchrun per trainer host: `trainer` on a single host, `trainer@<host>` on several."""
+        nodes = self.layout.placement.trainer_nodes
+        return ["trainer"] if len(nodes) == 1 else [f"trainer@{node.host}" for node in nodes]
+
+    def start_trainers(self) -> list[Child]:
+        """The whole trainer group: every rank on every host (torch.distributed cannot take back one rank)."""
+        nodes = self.layout.placement.trainer_nodes
+        master_port = self.layout.master_port or free_port()
+        children = []
+        for name, node in zip(self.trainer_names, nodes):
+            multi = ["--node-rank", str(node.node_rank)] if len(nodes) > 1 else []
+            cmd = [self.layout.spawners.python(node.host), "-m", "torch.distributed.run", "--nnodes", str(len(nodes)),
+                   *multi, "--nproc-per-node", str(node.nproc), "--master-addr", self.layout.master_addr,
+                   "--master-port", str(master_port), "-m", "actors.trainer.main", "--config", str(self.config_path)]
+            children.append(self.spawn(name, cmd, node.host))
+        return children
+
 
     def trainer_children(self) -> list[Child]:
-        return [c for c in self.children if c.name == "trainer" or c.name.startswith("trainer@")]
+        return [c for c in self.children if c.name in self.trainer_names]
 
     def stop_trainers(self) -> None:
-        """Kill every trainer process, ranks included (a stopped or hung rank heeds nothing gentler)."""
+        """Kill every trainer process on every host, ranks included (a stopped or hung rank heeds nothing
+        gentler), and forget them: start_trainers starts the group again. A remote group goes with its ssh
+        client: the remote terminal hangs up, and torchrun kills its ranks."""
         for child in self.trainer_children():
-            _kill_tree(child.proc)
+            if not self.layout.spawners.is_remote(child.host):
+                _kill_tree(child.proc)
+            else:
+                child.proc.kill()
+                child.proc.wait()
             self.children.remove(child)
 
     def dead_child(self) -> Child | None:
@@ -399,7 +436,7 @@ class Cluster:
         print(f"tinkerd: {dead.name} exited with code {dead.proc.returncode}; restarting it "
               f"({len(self.restarts[dead.name])} restart(s) in the last {self._window(dead.name):.0f} s; "
               f"log in {dead.log_path})", flush=True)
-        self.spawn(dead.name, restart)
+        self.spawn(dead.name, restart, dead.host)
 
     def _restart_command(self, dead: Child) -> list[str] | None:
         """The command that starts `dead` again, or None if it may not be restarted (any more)."""
@@ -419,16 +456,21 @@ class Cluster:
         return API_RESTART_WINDOW_S if name == "api" else ENGINE_RESTART_WINDOW_S
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in self.children:
-            try:
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        _stop_children(self.children, grace_s)
+
+
+def _stop_children(children: list[Child], grace_s: float) -> None:
+    """Ask every child to stop at once (a remote one through its ssh or srun), then kill what is left."""
+    for child in children:
+        if child.proc.poll() is None:
+            child.proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in children:
+        try:
+            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -485,8 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     config.controller.admin_token_file = str(write_admin_token(run_dir / ADMIN_TOKEN_FILE))
     config_path = run_dir / "cluster.json"
     config.save(config_path)
+    layout = None
+    if args.hostfile is not None:
+        layout = multinode_layout(args, args.placement, _child_env())
+        try:
+            resolve_hosts(layout, config, config_path, args.advertise_addr)
+        except HostCheckFailed as exc:
+            build_parser().error(str(exc))  # nothing has started yet: refused like a bad flag
+        config.save(config_path)  # now with the addresses the hosts reported
 
-    cluster = Cluster(config, config_path)
+    cluster = Cluster(config, config_path, layout)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -5,8 +5,9 @@
 `EngineWorker.event_loop()` polls two sockets:
 - a DEALER (identity `engine-I`) connected to the controller's worker ROUTER: sample
   requests, adapter loads from disk, unloads, shutdown;
-- a ROUTER bound at `engine.weights_addresses[I]`, where trainer rank 0 pushes
-  adapters (`EngineLoadAdapterReq`), answered on that ROUTER to that peer.
+- a ROUTER bound at `engine.weights_addresses[I]` (`tcp://ADDR:*`: a free port, reported
+  in WorkerReadyEvent), where trainer rank 0 pushes adapters (`EngineLoadAdapterReq`),
+  answered on that ROUTER to that peer.
 
 Sample requests are queued in the backend and answered one by one as they finish.
 While a batch runs, the loop polls both sockets without blocking between decode
@@ -113,8 +114,9 @@ class EngineWorker:
         if not 0 <= self.index < len(addresses):
             raise ValueError(f"engine index {self.index} has no weights address "
                              f"(engine.weights_addresses has {len(addresses)})")
-        self.weights_address = addresses[self.index]
-        self.weights = BlockingPeer(self.ctx, zmq.ROUTER, self.weights_address, bind=True)
+        self.weights = BlockingPeer(self.ctx, zmq.ROUTER, addresses[self.index], bind=True)
+        # the address actually bound: a multi-node launcher asks for `tcp://<this host>:*`, a port free here
+        self.weights_address = self.weights.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend = load_backend("engine", self.config.engine.backend)(self.config)
         self.controller.send(WorkerReadyEvent(role=ROLE, rank=self.index, world_size=self.config.engine.count,
                                               weights_address=self.weights_address, info=self.backend.info()))

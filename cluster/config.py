@@ -49,8 +49,9 @@ class ControllerConfig:
     # ... or, while samples wait, until it has lasted this long (training cannot starve sampling, nor sampling
     # training: a sampling phase with training waiting lasts at most as long)
     max_phase_ms: float = 2000.0
-    # an engine without a heartbeat for this long is dead: its samples are re-queued or failed
-    heartbeat_timeout_s: float = 10.0
+    # an engine or trainer rank without a heartbeat (one a second) for this long is dead or hung; with the
+    # watchdog's 1 s checks a hang is found within 9 s
+    heartbeat_timeout_s: float = 8.0
     # the share of a run's trainer time its recovery snapshots may take (actors/controller/recovery.py)
     snapshot_budget: float = 0.05
     admin_token_file: str = ""  # what launch/probe.py must present (written by the launcher, mode 0600)

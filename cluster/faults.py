@@ -1,19 +1,22 @@
-"""Test-only fault injection into the residency handlers, through a real code path.
+"""Test-only fault injection into worker handlers, through a real code path.
 
 A worker process started with TINKERD_FAULT_DIR=DIR checks, at each hook, for a file
 `DIR/<worker>.<point>` (worker: `engine0`, `trainer0`, …; point: the request's message
 name, optionally followed by `.<tags>` for the engine's memory requests, e.g.
 `engine0.EngineResumeMemoryReq.kv_cache`). A file that is there is removed (so the fault
 fires once) and the handler raises InjectedFault, which the worker answers like any other
-handler failure (a 500 naming the worker). Without the variable the hooks cost one
-environment lookup.
+handler failure (a 500 naming the worker) — unless the file says `sigkill` or `sigstop`:
+then the process sends itself that signal, a crash or a hang at a known point of a step
+(the fault drills). Without the variable the hooks cost one environment lookup.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 ENV = "TINKERD_FAULT_DIR"
+SIGNALS = {"sigkill": signal.SIGKILL, "sigstop": signal.SIGSTOP}
 
 
 class InjectedFault(RuntimeError):
@@ -26,8 +29,14 @@ def inject_fault(worker: str, *points: str) -> None:
     if not directory:
         return
     for point in points:
+        path = os.path.join(directory, f"{worker}.{point}")
         try:
-            os.remove(os.path.join(directory, f"{worker}.{point}"))
+            with open(path) as f:
+                action = f.read().strip()
+            os.remove(path)
         except FileNotFoundError:
             continue
+        if action in SIGNALS:
+            os.kill(os.getpid(), SIGNALS[action])
+            return  # SIGSTOP: the process goes on here if it is ever continued
         raise InjectedFault(f"fault injected at {point} ({ENV})")

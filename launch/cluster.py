@@ -55,7 +55,7 @@ from launch.multinode import (  # noqa: E402
     HostCheckFailed, HostLayout, add_multinode_args, multinode_layout, plan_placement, resolve_hosts,
 )
 from launch.sglang_env import default_env_dir  # noqa: E402
-from launch.supervision import ControllerLink, TrainerGroupWatch  # noqa: E402
+from launch.supervision import ControllerLink, WorkerWatch  # noqa: E402
 
 STARTUP_TIMEOUT_S = 600.0
 API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_WINDOW_S
@@ -293,6 +293,7 @@ class Cluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
         self.restarts: dict[str, list[float]] = {}  # child name -> when it was restarted (monotonic)
+        self.trainer_starts = 0
 
     @property
     def base_url(self) -> str:
@@ -335,7 +336,10 @@ class Cluster:
     def start_trainers(self) -> list[Child]:
         """The whole trainer group: every rank on every host (torch.distributed cannot take back one rank)."""
         nodes = self.layout.placement.trainer_nodes
-        master_port = self.layout.master_port or free_port()
+        # a restarted group rendezvouses on the next port: the dead group's torchrun on the first host may still
+        # hold the old one while it reaps its ranks (a port taken meanwhile fails that start, and the next one moves on)
+        master_port = self.layout.master_port + self.trainer_starts if self.layout.master_port else free_port()
+        self.trainer_starts += 1
         children = []
         for name, node in zip(self.trainer_names, nodes):
             multi = ["--node-rank", str(node.node_rank)] if len(nodes) > 1 else []
@@ -354,11 +358,7 @@ class Cluster:
         gentler), and forget them: start_trainers starts the group again. A remote group goes with its ssh
         client: the remote terminal hangs up, and torchrun kills its ranks."""
         for child in self.trainer_children():
-            if not self.layout.spawners.is_remote(child.host):
-                _kill_tree(child.proc)
-            else:
-                child.proc.kill()
-                child.proc.wait()
+            self._kill(child)
             self.children.remove(child)
 
     def dead_child(self) -> Child | None:
@@ -383,9 +383,9 @@ class Cluster:
 
     def supervise(self) -> None:
         """Wait for a child to die: restart the API (stateless), engines and the trainer group (bounded); give up
-        on anything else. A trainer group the controller found hung is killed and restarted too."""
-        link = ControllerLink(self.config.controller.api_address, self.config.controller.admin_token_file)
-        self.trainer_watch = TrainerGroupWatch(link)
+        on anything else. A trainer group or an engine the controller found hung is killed and restarted too."""
+        self.link = ControllerLink(self.config.controller.api_address, self.config.controller.admin_token_file)
+        self.watch = WorkerWatch(self.link)
         try:
             while True:
                 dead = self._wait_for_death()
@@ -396,24 +396,39 @@ class Cluster:
                     raise ShutdownRequested  # the controller exits cleanly only when the probe asks it to
                 if dead in self.trainer_children():
                     why = f"{dead.name} exited with code {dead.proc.returncode} (log in {dead.log_path})"
-                    self.trainer_watch.exited(why)
+                    self.watch.trainers_exited(why)
                     self._restart_trainers(why)
                     continue
                 self._restart_other(dead)
         finally:
-            link.close()
+            self.link.close()
 
     def _wait_for_death(self) -> Child | str:
-        """The first child found dead, or why the controller declared the running trainer group dead."""
+        """The first child found dead, or why the controller declared the running trainer group dead (a hung
+        engine is killed here: it is found dead next)."""
         while (dead := self.dead_child()) is None:
-            if self.trainer_children() and (why := self.trainer_watch.hung()):
-                return why
+            engines = {int(c.name.removeprefix("engine")): c for c in self.children if c.name.startswith("engine")}
+            hung = self.watch.hung(bool(self.trainer_children()), sorted(engines))
+            if hung is not None and hung[0] == "trainer":
+                return hung[2]
+            if hung is not None:
+                print(f"tinkerd: engine{hung[1]} is hung ({hung[2]}); killing it", flush=True)
+                self._kill(engines[hung[1]])
             time.sleep(0.2)
         return dead
 
+    def _kill(self, child: Child) -> None:
+        """SIGKILL, ranks and all: a stopped or hung process heeds nothing gentler. A remote one goes with its ssh
+        client (the remote terminal hangs up)."""
+        if self.layout.spawners.is_remote(child.host):
+            child.proc.kill()
+            child.proc.wait()
+        else:
+            _kill_tree(child.proc)
+
     def _restart_trainers(self, why: str) -> None:
         self.stop_trainers()
-        watch = self.trainer_watch
+        watch = self.watch
         if not watch.may_restart():
             print(f"tinkerd: the trainer group died again ({why}); {watch.describe_restarts()} is past the "
                   f"limit, so training stays unavailable (503) while sampling goes on", flush=True)
@@ -423,12 +438,15 @@ class Cluster:
         self.start_trainers()
 
     def _restart_other(self, dead: Child) -> None:
+        if dead.name.startswith("engine"):  # tell the controller now, not a heartbeat timeout later
+            self.watch.engine_exited(int(dead.name.removeprefix("engine")),
+                                     f"its process exited with code {dead.proc.returncode}")
         restart = self._restart_command(dead)
         if restart is None and dead.name.startswith("engine"):
             self.children.remove(dead)  # an engine that keeps dying: the others go on sampling
             why = f"it exited {len(self.restarts[dead.name]) - 1} time(s) after restarts (log in {dead.log_path})"
             print(f"tinkerd: {dead.name} keeps dying; not restarting it again ({why})", flush=True)
-            self.trainer_watch.link.report("engine", int(dead.name.removeprefix("engine")), "lost", why)
+            self.link.report("engine", int(dead.name.removeprefix("engine")), "lost", why)
             return
         if restart is None:
             raise ChildDied(dead)

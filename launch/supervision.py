@@ -1,4 +1,4 @@
-"""The launcher's side of surviving a dead trainer rank: when to restart the whole trainer group.
+"""The launcher's side of surviving dead and hung workers: when to restart the trainer group or an engine.
 
 A torch.distributed group cannot be healed, so when any trainer process exits, or the
 controller declares the group dead (a rank's heartbeats stopped: SIGSTOP, a hang; a call
@@ -8,7 +8,9 @@ TRAINER_RESTART_WINDOW_S. It tells the controller over the admin channel
 (AdminWorkerReportReq): "exited" the moment it sees a trainer process gone (faster than
 waiting for missed heartbeats), and "lost" when it gives up — the controller then answers
 training with a 503 and keeps sampling. The controller's answer carries how many deaths
-it has declared, which is how the launcher learns of a hung group it must kill.
+it has declared, which is how the launcher learns of a hung group it must kill. Engines
+the same way: one the controller declared dead (its heartbeats stopped) while its
+process still runs is killed, and then restarted like any engine that exited.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ class ControllerLink:
         self.peer: BlockingPeer | None = None
 
     def report(self, role: str = "trainer", index: int = 0, report: str = "", detail: str = "") -> dict | None:
-        """Send one report (or a poll); the controller's view of the trainer group, or None if it did not answer."""
+        """Send one report (or a poll); the controller's view of its workers, or None if it did not answer."""
         if self.peer is None:
             self.peer = BlockingPeer(self.ctx, zmq.DEALER, self.address, bind=False)
         req = AdminWorkerReportReq(token=self.token, role=role, index=index, report=report, detail=detail)
         try:
-            return self.peer.call(req, timeout_ms=REPORT_TIMEOUT_MS).info["trainer_group"]
+            return self.peer.call(req, timeout_ms=REPORT_TIMEOUT_MS).info
         except TimeoutError:
             # a reply may still come: a fresh socket keeps it from answering the next call
             self.peer.close()
@@ -62,35 +64,50 @@ class ControllerLink:
         self.ctx.term()
 
 
-class TrainerGroupWatch:
-    """Counts the group's restarts and the controller's declared deaths; says when to restart or give up."""
+class WorkerWatch:
+    """Counts the trainer group's restarts and the deaths the controller declared; says what to restart or kill."""
 
     def __init__(self, link: ControllerLink, restarts: int = TRAINER_RESTARTS,
                  window_s: float = TRAINER_RESTART_WINDOW_S):
         self.link = link
         self.allowed, self.window_s = restarts, window_s
         self.restarted_at: list[float] = []
-        self.handled_deaths = 0  # controller-declared deaths already answered with a restart
-        self.lost = ""  # why the launcher gave up, once it has
+        self.handled_deaths = 0  # controller-declared trainer group deaths already answered with a restart
+        self.handled_engine_deaths: dict[int, int] = {}  # engine index -> the same, per engine
+        self.lost = ""  # why the launcher gave up on the trainer group, once it has
         self._next_poll = 0.0
 
-    def exited(self, detail: str) -> None:
+    def trainers_exited(self, detail: str) -> None:
         """A trainer process exited: the group is dead whatever the controller has noticed yet."""
         view = self.link.report(report="exited", detail=detail)
         if view is not None:
-            self.handled_deaths = view["deaths"]
+            self.handled_deaths = view["trainer_group"]["deaths"]
 
-    def hung(self) -> str:
-        """Why the controller declared the group dead while its processes still run (poll, rate-limited), or ""."""
+    def engine_exited(self, index: int, detail: str) -> None:
+        view = self.link.report("engine", index, "exited", detail)
+        if view is not None:
+            self.handled_engine_deaths[index] = view["engine_deaths"].get(str(index), 0)
+
+    def hung(self, watch_trainers: bool, engines: list[int]) -> tuple[str, int, str] | None:
+        """("trainer", 0, why) or ("engine", index, why) for a worker the controller declared dead while its
+        process still runs (polled at most once per POLL_INTERVAL_S), else None."""
         now = time.monotonic()
-        if self.lost or now < self._next_poll:
-            return ""
+        if now < self._next_poll:
+            return None
         self._next_poll = now + POLL_INTERVAL_S
         view = self.link.report()
-        if view is None or view["deaths"] <= self.handled_deaths:
-            return ""
-        self.handled_deaths = view["deaths"]
-        return view["why"] or "the controller declared it dead"
+        if view is None:
+            return None
+        group = view["trainer_group"]
+        if watch_trainers and not self.lost and group["deaths"] > self.handled_deaths:
+            self.handled_deaths = group["deaths"]
+            return "trainer", 0, group["why"] or "the controller declared it dead"
+        for index in engines:
+            deaths = view["engine_deaths"].get(str(index), 0)
+            if deaths > self.handled_engine_deaths.get(index, 0):
+                self.handled_engine_deaths[index] = deaths
+                return "engine", index, "the controller declared it dead (no heartbeat)"
+        return None
 
     def may_restart(self) -> bool:
         now = time.monotonic()

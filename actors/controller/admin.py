@@ -134,11 +134,14 @@ class AdminService:
             workers.trainer_group_died(req.detail or "its processes exited")
         elif req.role == "trainer" and req.report == "lost":
             workers.trainer_group_lost(req.detail or "the launcher could not restart it")
+        elif req.role == "engine" and req.report == "exited":
+            workers.engine_exited(req.index, req.detail or "its process exited")
         elif req.role == "engine" and req.report == "lost":
             workers.engine_lost(req.index, req.detail or "the launcher could not restart it")
         elif req.report:
             raise ApiError(400, f"unknown worker report {req.role!r}/{req.report!r}")
-        return AdminResp(info={"trainer_group": self._trainer_group()})
+        deaths = {str(index): count for index, count in workers.engine_deaths.items()}
+        return AdminResp(info={"trainer_group": self._trainer_group(), "engine_deaths": deaths})
 
     def _trainer_group(self) -> dict:
         group = self.controller.workers.group

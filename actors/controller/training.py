@@ -30,7 +30,7 @@ from actors.controller.recovery import RunJournal, forget_snapshots, snapshot_ro
 from actors.controller.residency import Residency
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
-from actors.controller.workers import TrainerGroupDied, WorkerPool
+from actors.controller.workers import TrainerGroupDied, TrainerGroupLost, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.metrics import merge_metrics
 from cluster.parallel import EXPORTING_RANK
@@ -362,7 +362,10 @@ class TrainingService:
                     raise ApiError(500, f"{run.dropped}; {self._resume_hint(run.model_id)}") from None
                 log.warning("run %s: %s; waiting for the restarted trainer group to run %s again", run.model_id,
                             exc, type(req).__name__)
-                await self.workers.wait_for_trainers()  # TrainerGroupLost: the request fails, saying so
+                try:
+                    await self.workers.wait_for_trainers()
+                except TrainerGroupLost as lost:
+                    raise TrainerGroupLost(f"{lost}; {self._resume_hint(run.model_id)}") from None
                 continue
             run.journal.record(req, time.monotonic() - started, self.workers.group.generation)
             if run.journal.snapshot_due(self.config.controller.snapshot_budget):

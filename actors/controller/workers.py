@@ -115,6 +115,7 @@ class WorkerPool:
         self.failure: str | None = None
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.engine_restarts = 0
+        self.engine_deaths: dict[int, int] = {}  # index -> how many times it was declared dead (the launcher compares)
         self.on_engine_ready: Callable[[EngineHandle], None] = lambda engine: None  # after a restart too
         self._watchdog: asyncio.Task | None = None
 
@@ -247,8 +248,15 @@ class WorkerPool:
 
     def _engine_died(self, engine: EngineHandle, why: str) -> None:
         engine.alive, engine.death = False, f"engine {engine.index} died ({why})"
+        self.engine_deaths[engine.index] = self.engine_deaths.get(engine.index, 0) + 1
         log.error("%s; its calls in flight fail, and the launcher restarts it", engine.death)
         self.peer.fail_pending(engine.identity, EngineDied(engine.death))
+
+    def engine_exited(self, index: int, why: str) -> None:
+        """The launcher saw the engine's process exit: no need to wait for its heartbeats to stop."""
+        engine = self.engines.get(index)
+        if engine is not None and engine.alive:
+            self._engine_died(engine, why)
 
     def engine_lost(self, index: int, why: str) -> None:
         engine = self.engines.get(index)

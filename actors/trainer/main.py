@@ -130,6 +130,10 @@ class TrainerWorker:
             log.error("%s failed remotely: %s", type(msg).__name__, exc)
             return ErrorResp(status=exc.status, detail=f"engine: {exc.detail}")
         except Exception as exc:
+            if self.world_size > 1 and _broke_the_group(exc):
+                # a peer rank died under a collective: this group is done, and only a new one can answer; no
+                # reply, the failure report makes the controller wait for the group the launcher restarts
+                raise GroupBroken(f"{type(msg).__name__}: a collective failed ({exc})") from exc
             log.exception("%s failed", type(msg).__name__)
             return ErrorResp(status=500, detail=f"trainer rank {self.rank}: {type(exc).__name__}: {exc}")
 
@@ -159,6 +163,7 @@ class TrainerWorker:
         return TrainerDropAdapterResp()
 
     def handle_TrainerForwardBackwardReq(self, req: TrainerForwardBackwardReq) -> TrainerForwardBackwardResp:
+        inject_fault(f"trainer{self.rank}", "TrainerForwardBackwardReq")
         result = self.backend.forward_backward(req.slot, req.loss_fn, req.loss_fn_config,
                                                req.forward_only, req.batch)
         return TrainerForwardBackwardResp(result=result)
@@ -206,6 +211,19 @@ class TrainerWorker:
         if address not in self.engine_peers:
             self.engine_peers[address] = BlockingPeer(self.ctx, zmq.DEALER, address, bind=False)
         return self.engine_peers[address]
+
+
+class GroupBroken(RuntimeError):
+    """A collective failed because a peer rank is gone: fatal for this rank (it exits, reporting why)."""
+
+
+def _broke_the_group(exc: BaseException) -> bool:
+    """Whether `exc` is the process group failing (a dead or unreachable peer) rather than this step's own error."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(mark in text for mark in ("gloo/transport", "Connection closed by peer", "NCCL error",
+                                         "ProcessGroupNCCL", "ProcessGroupGloo"))
 
 
 def _torchrun_env() -> tuple[int, int, int]:

@@ -96,6 +96,15 @@ def launch_cluster(state_dir: Path, models_dir: Path, *extra: str, timeout_s: fl
         assert not leftovers, f"processes left after shutdown: {leftovers}"
 
 
+def wait_until(predicate, timeout_s: float, what: str) -> float:
+    """Poll `predicate` until true; return when (monotonic). Fails naming `what` past the timeout."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, f"{what} did not happen within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic()
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The built-in model, built once per test session and shared by every cluster."""

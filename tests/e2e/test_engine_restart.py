@@ -1,9 +1,10 @@
 """A dead engine, with another one beside it: its sample is re-queued and completes, and it comes back.
 
-Two torch engines; engine 0 is SIGKILLed while computing a long sample. The controller
-notices the missing heartbeats, re-queues the sample on engine 1 (the client sees a
+Two torch engines; engine 0 is SIGKILLed while computing a long sample. The launcher
+sees the process exit and tells the controller, which re-queues the sample on engine 1 (the client sees a
 normal result, not an error), the launcher starts engine 0 again, and the cluster takes
-it back: healthz names its state throughout.
+it back: healthz names its state throughout. Then engine 1 hangs (SIGSTOP): its heartbeats
+stop, its sample moves to engine 0, and the launcher kills and restarts it.
 """
 
 from __future__ import annotations
@@ -60,7 +61,27 @@ def test_a_killed_engines_sample_moves_to_the_other_engine(tmp_path, models_dir)
             time.sleep(0.5)
         assert _engine_pids(cluster.state_dir)[0] != pids[0]
         log = (cluster.state_dir / "logs" / "controller.log").read_text()
-        assert "engine 0 died (no heartbeat for 2 s)" in log and "re-queueing it" in log
+        # the launcher saw the process exit and said so at once, before a heartbeat was even late
+        assert "engine 0 died (its process exited with code -9)" in log and "re-queueing it" in log
         again = sampler.sample(prompt=prompt, num_samples=2, sampling_params=params).result()
         assert [s.tokens for s in again.sequences] == [expected.sequences[0].tokens] * 2
+
+        # a hang, not a death: engine 1 stops answering and heartbeating; the controller declares it dead after
+        # the heartbeat timeout and re-queues its sample, and the launcher kills the stopped process and restarts it
+        stopped = _engine_pids(cluster.state_dir)[1]
+        first = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params)  # engine 0
+        time.sleep(0.2)
+        second = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params)  # engine 1
+        time.sleep(0.5)
+        os.kill(stopped, signal.SIGSTOP)
+        assert [first.result().sequences[0].tokens, second.result().sequences[0].tokens] == \
+            [expected.sequences[0].tokens] * 2
+        deadline = time.monotonic() + 120
+        while _engine_pids(cluster.state_dir).get(1) in (None, stopped) or _workers(cluster.base_url)["engine1"] != \
+                "ready":
+            assert time.monotonic() < deadline, _workers(cluster.base_url)
+            time.sleep(0.5)
+        assert not Path(f"/proc/{stopped}").exists()
+        log = (cluster.state_dir / "logs" / "controller.log").read_text()
+        assert "engine 1 died (no heartbeat for 2 s)" in log
         client.close("success").result()

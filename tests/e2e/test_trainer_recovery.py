@@ -1,8 +1,10 @@
 """A dead or hung trainer rank: the launcher restarts the whole group, the controller rebuilds every run.
 
 One cluster, two data-parallel trainer ranks, driven by the SDK. A reference run trains
-undisturbed; a second run with the same seed and data trains while a rank is SIGKILLed
-in the middle of its forward_backward, and later SIGSTOPped (a hang: alive, silent). Each
+undisturbed; a second run with the same seed and data trains while a rank SIGKILLs itself
+as it starts a step's forward_backward (cluster/faults.py: a known point, the call in
+flight, its peer inside the step), and another run while a rank SIGSTOPs itself there (a
+hang: alive, silent). Each
 time the pending call completes with the result it would have had, and every later loss
 equals the reference run's, bit for bit; the reference run, idle meanwhile, is rebuilt
 too. Past the launcher's restart limit the group is lost: healthz says so, training
@@ -23,10 +25,11 @@ import httpx
 import pytest
 from tinker import types
 
+from cluster.faults import ENV as FAULTS_ENV
 from cluster.messages import AdminStatusReq
 from launch.probe import ask
 from launch.supervision import TRAINER_RESTARTS
-from tests.e2e.conftest import BUILTIN_MODEL, launch_cluster
+from tests.e2e.conftest import BUILTIN_MODEL, launch_cluster, wait_until
 from tests.e2e.pig_latin import WORDS, sft_batch
 from tests.e2e.test_data_parallel import _trainer_rank_pid
 
@@ -37,9 +40,19 @@ ADAM = types.AdamParams(learning_rate=5e-3)
 
 
 @pytest.fixture(scope="module")
-def running(tmp_path_factory, models_dir):
+def faults(tmp_path_factory):
+    """Where a test drops `trainer<R>.TrainerForwardBackwardReq` saying sigkill or sigstop (cluster/faults.py): the
+    rank signals itself as it starts that step's forward_backward, while its peer is in the step too."""
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory, models_dir, faults):
+    # a tiny snapshot budget: after the first step's snapshot, the rebuild must replay the log (the 2-host drills
+    # run with the default budget, where a snapshot follows nearly every step of this tiny model)
     with launch_cluster(tmp_path_factory.mktemp("recovery"), models_dir, "--trainer-ranks", "2",
-                        "--heartbeat-timeout", "3") as cluster:
+                        "--heartbeat-timeout", "3", "--snapshot-budget", "0.001",
+                        env={FAULTS_ENV: str(faults)}) as cluster:
         yield cluster
 
 
@@ -57,7 +70,7 @@ def reference_run(client):
 
 @pytest.fixture(scope="module")
 def data(reference_run):
-    return sft_batch(reference_run.get_tokenizer(), WORDS[:16] * 4)  # a step long enough to be caught in flight
+    return sft_batch(reference_run.get_tokenizer(), WORDS[:16] * 4)
 
 
 @pytest.fixture(scope="module")
@@ -76,63 +89,64 @@ def _status(running) -> dict:
     return ask(running.state_dir, AdminStatusReq(token=token)).info
 
 
-def _wait(predicate, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout_s, f"{what} did not happen within {timeout_s} s"
-        time.sleep(0.05)
-    return time.monotonic()
 
-
-def _drill(running, fault: str, rank: int, sig: int, pending) -> dict:
-    """Send `sig` to trainer `rank` while `pending` runs; time detection and recovery; return the table row."""
+def _drill(running, faults, fault: str, rank: int, action: str, submit) -> dict:
+    """Have trainer `rank` send itself `action` (sigkill, sigstop) inside the forward_backward that `submit` sends;
+    time detection and recovery from the submission; print the table row; return the call's result."""
     before = _status(running)["trainer_group"]
-    pid = _trainer_rank_pid(running.state_dir, rank)
-    time.sleep(0.3)  # the forward_backward is under way on both ranks
-    os.kill(pid, sig)
+    (faults / f"trainer{rank}.TrainerForwardBackwardReq").write_text(action)
     hit = time.monotonic()
-    detected = _wait(lambda: _status(running)["trainer_group"]["deaths"] > before["deaths"], 30, "detection")
-    back = _wait(lambda: _status(running)["trainer_group"]["generation"] > before["generation"], 120, "restart")
+    pending = submit()
+    detected = wait_until(lambda: _status(running)["trainer_group"]["deaths"] > before["deaths"], 30, "detection")
+    back = wait_until(lambda: _status(running)["trainer_group"]["generation"] > before["generation"], 120,
+                      "restart")
     result = pending.result()
     done = time.monotonic()
+    assert not list(faults.iterdir())  # the fault fired
     row = {"fault": fault, "detect_s": round(detected - hit, 2), "group_back_s": round(back - hit, 2),
            "call_done_s": round(done - hit, 2), "client_saw": "the normal result"}
     print("FAULT-DRILL", json.dumps(row))
     return result
 
 
-def test_a_rank_killed_mid_step_is_invisible_to_the_client(running, client, data, reference):
+def test_a_rank_killed_mid_step_is_invisible_to_the_client(running, faults, client, data, reference):
     ref_tc, ref_losses = reference
     probe_before = ref_tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
     tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=7).result()
     losses = []
     for step in range(STEPS):
-        pending = tc.forward_backward(data, "cross_entropy")
+        def submit():
+            return tc.forward_backward(data, "cross_entropy")
         if step == 3:  # after a snapshot and with a replay log: both are used
-            out = _drill(running, "SIGKILL trainer rank 1 mid forward_backward (1 host, 2 ranks)", 1,
-                         signal.SIGKILL, pending)
+            out = _drill(running, faults, "SIGKILL trainer rank 1 mid forward_backward (1 host, 2 ranks)", 1,
+                         "sigkill", submit)
         else:
-            out = pending.result()
+            out = submit().result()
         losses.append(out.metrics["loss:sum"])
         tc.optim_step(ADAM).result()
     assert losses == ref_losses  # bit for bit: snapshot + replay rebuilt exactly the same state
+    log = (running.state_dir / "logs" / "controller.log").read_text()
+    # the first step's snapshot, then steps 1 and 2 (forward_backward + optim_step each) replayed; step 3's
+    # forward_backward was in flight (not logged), so it ran once more, after the rebuild
+    assert f"{tc.model_id} rebuilt in trainer generation 2: snapshot + 4 replayed request(s)" in log, log[-3000:]
     # the other tenant's idle run came back too, as it was
     assert ref_tc.forward(data, "cross_entropy").result().metrics["loss:sum"] == probe_before
     workers = httpx.get(running.base_url + "/api/v1/healthz", timeout=10).json()["workers"]
     assert workers["trainer0"] == workers["trainer1"] == "ready"
 
 
-def test_a_stopped_rank_is_found_hung_killed_and_replaced(running, client, data, reference):
+def test_a_stopped_rank_is_found_hung_killed_and_replaced(running, faults, client, data, reference):
     ref_tc, ref_losses = reference
     tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=7).result()
     losses = []
     for step in range(3):
-        pending = tc.forward_backward(data, "cross_entropy")
+        def submit():
+            return tc.forward_backward(data, "cross_entropy")
         if step == 1:
-            out = _drill(running, "SIGSTOP trainer rank 0 mid forward_backward (a hang; heartbeat timeout 3 s)",
-                         0, signal.SIGSTOP, pending)
+            out = _drill(running, faults, "SIGSTOP trainer rank 0 mid forward_backward (a hang; heartbeat timeout "
+                         "3 s)", 0, "sigstop", submit)
         else:
-            out = pending.result()
+            out = submit().result()
         losses.append(out.metrics["loss:sum"])
         tc.optim_step(ADAM).result()
     assert losses == ref_losses[:3]
@@ -140,7 +154,7 @@ def test_a_stopped_rank_is_found_hung_killed_and_replaced(running, client, data,
 
 def test_past_the_restart_limit_training_is_refused_and_sampling_goes_on(running, client, data, reference):
     ref_tc, _ = reference
-    sampler = ref_tc.save_weights_and_get_sampling_client()
+    sampler = ref_tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints([5, 6, 7, 8])
     params = types.SamplingParams(max_tokens=8, temperature=0.0)
     expected = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
@@ -148,7 +162,7 @@ def test_past_the_restart_limit_training_is_refused_and_sampling_goes_on(running
         assert group["deaths"] <= TRAINER_RESTARTS + 1, group
         if group["state"] == "ready":
             os.kill(_trainer_rank_pid(running.state_dir, 0), signal.SIGKILL)
-            _wait(lambda: _status(running)["trainer_group"]["deaths"] > group["deaths"], 30, "detection")
+            wait_until(lambda: _status(running)["trainer_group"]["deaths"] > group["deaths"], 30, "detection")
         time.sleep(0.2)
     health = httpx.get(running.base_url + "/api/v1/healthz", timeout=10).json()
     assert health["status"] == "degraded" and "trainer group" in health["detail"], health

@@ -1,0 +1,170 @@
+"""Fault drills on a two-host cluster (one trainer rank and one engine on each of node1 and node2, over ssh).
+
+In order, on one cluster: SIGKILL node2's trainer rank in the middle of a forward_backward
+(the launcher restarts the group on both hosts, the controller rebuilds the run: same
+result, same later losses as a reference run); SIGKILL node2's engine in the middle of a
+sample (re-queued on node1's engine: same tokens; the engine comes back over ssh); then
+lose node2 altogether (every process in its namespace, sshd included): the group cannot be
+restarted there, so training is lost (healthz "degraded", 503 with a detail, the pending
+call fails saying so, naming the latest checkpoint) while node1's engine keeps sampling.
+Each prints a row of the README's fault-drill table. Own VirtualHosts: kill_node must not
+take the shared fixture's slurmd with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from tinker import types
+
+from tests.e2e.conftest import BUILTIN_MODEL, REPO_ROOT, launch_cluster, models_dir, wait_until  # noqa: F401
+from tests.e2e.pig_latin import WORDS, sft_batch
+from tests.multinode.hosts import VirtualHosts
+from tests.multinode.test_hostfile_cluster import hostfile_flags, processes_on_nodes
+
+ADAM = types.AdamParams(learning_rate=5e-3)
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    with VirtualHosts() as virtual_hosts:
+        yield virtual_hosts
+
+
+@pytest.fixture(scope="module")
+def running(hosts, tmp_path_factory, models_dir):  # noqa: F811
+    directory = tmp_path_factory.mktemp("drills")
+    with launch_cluster(directory / "state", models_dir, *hostfile_flags(hosts, directory),
+                        "--heartbeat-timeout", "3") as cluster:
+        yield cluster
+    assert processes_on_nodes(hosts)["node1"] == []  # node2 is gone; nothing of ours may be left on node1
+
+
+@pytest.fixture(scope="module")
+def client(running):
+    return running.service_client()
+
+
+@pytest.fixture(scope="module")
+def reference(client):
+    tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=11).result()
+    data = sft_batch(tc.get_tokenizer(), WORDS[:16] * 4)
+    losses = []
+    for _ in range(STEPS):
+        losses.append(tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"])
+        tc.optim_step(ADAM).result()
+    return tc, data, losses
+
+
+def _probe(running) -> dict:
+    out = subprocess.run([sys.executable, "-m", "launch.probe", "--state-dir", str(running.state_dir), "--json",
+                          "status"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def _worker(running, name: str) -> str:
+    return next(row["state"] for row in _probe(running)["rows"] if row["name"] == name)
+
+
+
+def _pid_on(hosts: VirtualHosts, node: str, module: str) -> int:
+    for pid in hosts.pids_on(node):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in words and b"torch.distributed.run" not in words:
+            return pid
+    raise LookupError(f"no {module} on {node}")
+
+
+def _row(fault: str, hit: float, detected: float, back: float | None, done: float, saw: str) -> None:
+    row = {"fault": fault, "detect_s": round(detected - hit, 2),
+           "back_s": None if back is None else round(back - hit, 2), "call_done_s": round(done - hit, 2),
+           "client_saw": saw}
+    print("FAULT-DRILL", json.dumps(row))
+
+
+def test_a_rank_killed_on_the_other_host_is_invisible_to_the_client(running, client, reference, hosts):
+    _, data, expected = reference
+    tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=11).result()
+    losses = []
+    for step in range(STEPS):
+        pending = tc.forward_backward(data, "cross_entropy")
+        if step == 2:
+            deaths = _probe(running)["info"]["trainer_group"]["deaths"]
+            pid = _pid_on(hosts, "node2", "actors.trainer.main")
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+            hit = time.monotonic()
+            detected = wait_until(lambda: _probe(running)["info"]["trainer_group"]["deaths"] > deaths, 30, "detection")
+            back = wait_until(lambda: _probe(running)["info"]["trainer_group"]["state"] == "ready", 180, "restart")
+            out = pending.result()
+            _row("SIGKILL trainer rank 1 (node2) mid forward_backward, 2 hosts", hit, detected, back,
+                 time.monotonic(), "the normal result")
+        else:
+            out = pending.result()
+        losses.append(out.metrics["loss:sum"])
+        tc.optim_step(ADAM).result()
+    assert losses == expected
+
+
+def test_an_engine_killed_mid_sample_hands_its_sample_to_the_other_host(running, client, reference, hosts):
+    tc, _, _ = reference
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints([5, 6, 7, 8])
+    params = types.SamplingParams(max_tokens=1500, temperature=0.0, stop=[])
+    expected = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
+    first = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params)  # engine0 (node1)
+    time.sleep(0.2)
+    second = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params)  # engine1 (node2)
+    time.sleep(0.5)
+    os.kill(_pid_on(hosts, "node2", "actors.engine.main"), signal.SIGKILL)
+    hit = time.monotonic()
+    detected = wait_until(lambda: _worker(running, "engine1") != "ready", 30, "detection")
+    results = [first.result(), second.result()]
+    done = time.monotonic()
+    back = wait_until(lambda: _worker(running, "engine1") == "ready", 180, "engine restart")
+    assert [r.sequences[0].tokens for r in results] == [expected.sequences[0].tokens] * 2
+    _row("SIGKILL engine 1 (node2) mid sample, 2 hosts", hit, detected, back, done,
+         "the normal result (re-queued on engine 0)")
+
+
+def test_a_lost_host_leaves_sampling_up_and_training_refused(running, client, reference, hosts):
+    tc, data, _ = reference
+    saved = tc.save_state("before-the-loss").result().path
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints([5, 6, 7, 8])
+    params = types.SamplingParams(max_tokens=8, temperature=0.0)
+    expected = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
+    pending = tc.forward_backward(data, "cross_entropy")
+    time.sleep(0.3)
+    hosts.kill_node("node2")
+    hit = time.monotonic()
+    detected = wait_until(lambda: _probe(running)["info"]["trainer_group"]["state"] != "ready", 30, "detection")
+    with pytest.raises(Exception, match="training is unavailable") as failure:
+        pending.result()
+    done = time.monotonic()
+    assert saved in str(failure.value)  # the client learns where to resume from
+    lost = wait_until(lambda: _worker(running, "engine1") == "lost", 120, "engine 1 given up")
+    health = httpx.get(running.base_url + "/api/v1/healthz", timeout=10).json()
+    assert health["status"] == "degraded" and "could not be restarted" in health["detail"], health
+    assert _probe(running)["info"]["degraded"] == health["detail"]
+    with running.http_client() as http:
+        resp = http.post("/optim_step", json={"model_id": tc.model_id, "seq_id": 999, "type": "optim_step",
+                                               "adam_params": {"learning_rate": 1e-3}})
+    assert resp.status_code == 503 and "training is unavailable" in resp.json()["detail"], resp.text
+    again = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
+    assert again.sequences[0].tokens == expected.sequences[0].tokens
+    _row("lose node2 (all its processes, sshd too) mid forward_backward", hit, detected, lost, done,
+         "a clear error naming the latest checkpoint; sampling continues on node1")

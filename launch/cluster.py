@@ -64,6 +64,7 @@ API_RESTART_WINDOW_S = 60.0
 # ENGINE_RESTARTS times per engine in ENGINE_RESTART_WINDOW_S; an engine that keeps dying stays down
 ADMIN_TOKEN_FILE = "admin.token"  # in STATE_DIR/run
 ENGINE_RESTARTS = 3
+REMOTE_KILL_GRACE_S = 2.0  # a remote worker being killed gets this long to be stopped through its spawner
 ENGINE_RESTART_WINDOW_S = 600.0
 
 
@@ -418,13 +419,18 @@ class Cluster:
         return dead
 
     def _kill(self, child: Child) -> None:
-        """SIGKILL, ranks and all: a stopped or hung process heeds nothing gentler. A remote one goes with its ssh
-        client (the remote terminal hangs up)."""
-        if self.layout.spawners.is_remote(child.host):
+        """SIGKILL, ranks and all: a stopped or hung process heeds nothing gentler. A remote one is asked through
+        its spawner first (ssh: Ctrl-C on its terminal, torchrun kills its ranks; srun: SIGTERM, which SLURM
+        passes on and follows with SIGKILL), then its ssh client or srun is killed (the terminal hangs up)."""
+        if not self.layout.spawners.is_remote(child.host):
+            _kill_tree(child.proc)
+            return
+        child.proc.terminate()
+        try:
+            child.proc.wait(timeout=REMOTE_KILL_GRACE_S)
+        except subprocess.TimeoutExpired:
             child.proc.kill()
             child.proc.wait()
-        else:
-            _kill_tree(child.proc)
 
     def _restart_trainers(self, why: str) -> None:
         self.stop_trainers()

@@ -30,7 +30,7 @@ from actors.controller.schema import SCHEMA_VERSION
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
 from actors.controller.training import TrainingService
-from actors.controller.workers import WorkerPool
+from actors.controller.workers import TrainerGroupDied, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
     AdminReq, Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq,
@@ -74,6 +74,7 @@ class Controller:
         self.residency = Residency(config.controller, self._engine_fan_out, self._trainer_fan_out,
                                    barrier_timeout_s=config.trainer.call_timeout_s)
         self.workers.on_engine_ready = self._engine_joined
+        self.workers.on_trainers_back = self.residency.trainer_joined
         self.sampling = SamplingService(config, self.workers, self.futures, self.store, self.stability,
                                         self.residency)
         self.training = TrainingService(config, self.workers, self.futures, self.store, self.sampling,
@@ -335,8 +336,16 @@ class Controller:
         self.residency.engine_joined(release_it)
 
     async def _trainer_fan_out(self, make_req) -> dict:
-        replies = await self.workers.trainer_broadcast(make_req)
-        return {f"trainer{rank}": reply for rank, reply in enumerate(replies)}
+        """A barrier step on every rank. A trainer group that is restarting is waited for, and one that dies under
+        the step is too, and the step runs again on the new group (onload and offload are idempotent); the
+        launcher's bounded restarts end it with TrainerGroupLost."""
+        while True:
+            await self.workers.wait_for_trainers()
+            try:
+                replies = await self.workers.trainer_broadcast(make_req)
+            except TrainerGroupDied:
+                continue
+            return {f"trainer{rank}": reply for rank, reply in enumerate(replies)}
 
 
 def run_controller_process(config: ClusterConfig) -> None:

@@ -298,6 +298,15 @@ class Residency:
             self._rejoins.add(task)
             task.add_done_callback(self._rejoins.discard)
 
+    def trainer_joined(self) -> None:
+        """A restarted trainer group said hello holding the devices. In a sampling phase the engines hold them, so
+        it offloads at once, recorded as barrier "trainer_offload" of transition "rejoin"."""
+        if self.colocated and self.phase in (SAMPLING, f"to_{SAMPLING}"):
+            task = asyncio.get_running_loop().create_task(
+                self._barrier("rejoin", "trainer_offload", self._trainer_step(TrainerOffloadReq)))
+            self._rejoins.add(task)
+            task.add_done_callback(self._rejoins.discard)
+
     # -- steps ----------------------------------------------------------------------------
 
     def _engine_step(self, message: type, tags: list[str], engines: FanOut | None = None

@@ -491,7 +491,8 @@ class TrainingService:
 
     async def execute_DropRunOp(self, run: TrainingRun, req: DropRunOp) -> None:
         try:
-            if run.journal.generation == self.workers.group.generation:  # else its adapter died with a group
+            group = self.workers.group
+            if group.state == "ready" and run.journal.generation == group.generation:  # else it died with a group
                 await self._trainer_broadcast(lambda: TrainerDropAdapterReq(slot=run.slot))
         finally:
             self.free_slots.append(run.slot)

@@ -117,6 +117,7 @@ class WorkerPool:
         self.engine_restarts = 0
         self.engine_deaths: dict[int, int] = {}  # index -> how many times it was declared dead (the launcher compares)
         self.on_engine_ready: Callable[[EngineHandle], None] = lambda engine: None  # after a restart too
+        self.on_trainers_back: Callable[[], None] = lambda: None  # a restarted trainer group is ready
         self._watchdog: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -184,10 +185,11 @@ class WorkerPool:
             group = self.group
             group.state, group.generation, group.ready_at, group.why = "ready", group.generation + 1, \
                 time.monotonic(), ""
+            self.trainers_ready.set()
             if group.generation > 1:
                 log.warning("trainer group ready again (generation %d, %.1f s after it died)", group.generation,
                             group.ready_at - group.died_at)
-            self.trainers_ready.set()
+                self.on_trainers_back()
 
     def trainer_group_died(self, why: str) -> None:
         """The group is gone (or hung): fail its calls in flight; the launcher restarts it."""

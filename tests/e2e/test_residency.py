@@ -194,3 +194,35 @@ def test_fault_in_each_barrier(colocated, client, worker, point, barrier, fails)
     assert train_steps(tc, sft_batch(tokenizer, ["world"]), steps=1)[0] > 0
     base = client.create_sampling_client(base_model=BUILTIN_MODEL).result()
     assert len(_greedy(base, tokenizer, "world")) == 10
+
+
+def test_a_colocated_trainer_that_dies_is_restarted_offloaded_and_its_run_rebuilt(colocated, client):
+    """A rank that kills itself inside a training phase's forward_backward, then one SIGKILLed while the engines
+    hold the devices: the run goes on with the losses of a run that never crashed, and the group that came back
+    during a sampling phase was offloaded at once (barrier "trainer_offload" of transition "rejoin")."""
+    import os
+    import signal
+
+    from tests.e2e.test_data_parallel import _trainer_rank_pid
+
+    adam = types.AdamParams(learning_rate=5e-3)
+    reference = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=4, seed=5).result()
+    data = sft_batch(reference.get_tokenizer(), ["apple", "banana", "cherry"])
+    expected = train_steps(reference, data, steps=4, learning_rate=5e-3)
+    tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=4, seed=5).result()
+    losses = train_steps(tc, data, steps=1, learning_rate=5e-3)
+    (colocated.faults / "trainer0.TrainerForwardBackwardReq").write_text("sigkill")
+    losses += train_steps(tc, data, steps=1, learning_rate=5e-3)  # dies in the step, rebuilt, run again
+    assert not (colocated.faults / "trainer0.TrainerForwardBackwardReq").exists()
+    _wait_phase(colocated, ("sampling",))
+    rejoins_before = sum(1 for b in residency(colocated)["barriers"] if b["transition"] == "rejoin")
+    os.kill(_trainer_rank_pid(colocated.state_dir, 0), signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while sum(1 for b in residency(colocated)["barriers"]
+              if b["transition"] == "rejoin" and b["name"] == "trainer_offload" and b["ok"]) <= rejoins_before:
+        assert time.monotonic() < deadline, residency(colocated)
+        time.sleep(0.2)
+    losses += train_steps(tc, data, steps=2, learning_rate=5e-3)
+    assert losses == expected
+    tc.forward_backward(data, "cross_entropy").result()
+    assert residency(colocated)["failure"] is None

@@ -7,7 +7,8 @@ sample (re-queued on node1's engine: same tokens; the engine comes back over ssh
 lose node2 altogether (every process in its namespace, sshd included): the group cannot be
 restarted there, so training is lost (healthz "degraded", 503 with a detail, the pending
 call fails saying so, naming the latest checkpoint) while node1's engine keeps sampling.
-Each prints a row of the README's fault-drill table. Own VirtualHosts: kill_node must not
+Each prints a row of the README's fault-drill table. Last, the probe kills a run, drains
+and shuts the cluster down (nothing left on node1). Own VirtualHosts: kill_node must not
 take the shared fixture's slurmd with it.
 """
 
@@ -168,3 +169,29 @@ def test_a_lost_host_leaves_sampling_up_and_training_refused(running, client, re
     assert again.sequences[0].tokens == expected.sequences[0].tokens
     _row("lose node2 (all its processes, sshd too) mid forward_backward", hit, detected, lost, done,
          "a clear error naming the latest checkpoint; sampling continues on node1")
+
+
+def test_the_probe_kills_a_run_drains_and_shuts_the_two_host_cluster_down(running, client, reference, hosts):
+    """The probe's steering subcommands on this (degraded) 2-host cluster; its listings are in
+    test_hostfile_cluster.py. Shutdown must stop what is left on node1 too."""
+    tc, _, _ = reference
+    state = ["--state-dir", str(running.state_dir), "--json"]
+
+    def probe(*args: str) -> dict:
+        out = subprocess.run([sys.executable, "-m", "launch.probe", *state, *args], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return json.loads(out.stdout)
+
+    assert probe("kill-run", tc.model_id)["info"]["killed"] == tc.model_id
+    assert tc.model_id not in [row["model_id"] for row in probe("runs")["rows"]]
+    assert probe("drain")["info"]["draining"] is True
+    with running.http_client() as http:
+        refused = http.post("/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0"})
+    assert refused.status_code == 503 and "draining" in refused.json()["detail"]
+    probe("shutdown")
+    assert running.proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 20
+    while processes_on_nodes(hosts)["node1"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_on_nodes(hosts)["node1"] == []

@@ -55,7 +55,7 @@ from launch.multinode import (  # noqa: E402
     HostCheckFailed, HostLayout, add_multinode_args, multinode_layout, plan_placement, resolve_hosts,
 )
 from launch.sglang_env import default_env_dir  # noqa: E402
-from launch.supervision import ControllerLink, WorkerWatch  # noqa: E402
+from launch.supervision import TRAINER_RESTART_WINDOW_S, TRAINER_RESTARTS, ControllerLink, WorkerWatch  # noqa: E402
 
 STARTUP_TIMEOUT_S = 600.0
 API_RESTARTS = 5  # restarts of a dying API process allowed within API_RESTART_WINDOW_S
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS", help="an engine or trainer rank without a heartbeat for this long is dead: "
                                            "an engine's samples are re-queued on another engine or failed, a "
                                            "trainer group is restarted and its runs rebuilt (default %(default)g)")
+    p.add_argument("--trainer-restarts", type=int, default=TRAINER_RESTARTS, metavar="N",
+                   help=f"restarts of the whole trainer group allowed within {TRAINER_RESTART_WINDOW_S:.0f} s; past "
+                        f"them training answers 503 and sampling goes on (default %(default)s)")
     p.add_argument("--snapshot-budget", type=float, default=ControllerConfig.snapshot_budget, metavar="FRACTION",
                    help="the share of a training run's trainer time its recovery snapshots may take; between "
                         "snapshots the controller keeps a replay log (README 'Surviving failures'; "
@@ -137,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _check_colocation_args(p, args)
     if args.session_timeout <= 0:
         p.error("--session-timeout must be positive")
+    if args.trainer_restarts < 0:
+        p.error("--trainer-restarts must be >= 0")
     if not 0 < args.snapshot_budget <= 1:
         p.error("--snapshot-budget must be in (0, 1]")
     if args.max_adapters_per_user is not None and args.max_adapters_per_user < 1:
@@ -295,6 +300,7 @@ class Cluster:
         self.children: list[Child] = []
         self.restarts: dict[str, list[float]] = {}  # child name -> when it was restarted (monotonic)
         self.trainer_starts = 0
+        self.trainer_restarts = TRAINER_RESTARTS  # per TRAINER_RESTART_WINDOW_S (--trainer-restarts)
 
     @property
     def base_url(self) -> str:
@@ -386,7 +392,7 @@ class Cluster:
         """Wait for a child to die: restart the API (stateless), engines and the trainer group (bounded); give up
         on anything else. A trainer group or an engine the controller found hung is killed and restarted too."""
         self.link = ControllerLink(self.config.controller.api_address, self.config.controller.admin_token_file)
-        self.watch = WorkerWatch(self.link)
+        self.watch = WorkerWatch(self.link, restarts=self.trainer_restarts)
         try:
             while True:
                 dead = self._wait_for_death()
@@ -561,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         config.save(config_path)  # now with the addresses the hosts reported
 
     cluster = Cluster(config, config_path, layout)
+    cluster.trainer_restarts = args.trainer_restarts
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -50,12 +50,15 @@ class RunJournal:
     snapshot_cost_s: float | None = None  # what the latest snapshot took
     snapshots: int = 0
     deaths: int = 0  # trainer group deaths while this run's request ran, since its last success
+    total_work_s: float = 0.0  # over the run's life: its logged requests' trainer time ...
+    total_snapshot_s: float = 0.0  # ... and its snapshots' (the probe shows the ratio)
 
     def record(self, req: Any, elapsed_s: float, generation: int) -> None:
         self.generation, self.deaths = generation, 0
         if changes_state(req):
             self.log.append(req)
             self.work_s += elapsed_s
+            self.total_work_s += elapsed_s
 
     def snapshot_due(self, budget: float) -> bool:
         if not self.log or not isinstance(self.log[-1], OptimStepReq):
@@ -71,11 +74,14 @@ class RunJournal:
     def snapshot_taken(self, directory: str, cost_s: float) -> None:
         self.snapshot, self.snapshot_cost_s = directory, cost_s
         self.snapshots += 1
+        self.total_snapshot_s += cost_s
         self.log, self.work_s = [], 0.0
 
     def describe(self) -> dict[str, Any]:
+        overhead = self.total_snapshot_s / self.total_work_s if self.total_work_s else None
         return {"generation": self.generation, "snapshots": self.snapshots, "replay_log": len(self.log),
-                "snapshot_cost_ms": None if self.snapshot_cost_s is None else round(self.snapshot_cost_s * 1e3, 1)}
+                "snapshot_cost_ms": None if self.snapshot_cost_s is None else round(self.snapshot_cost_s * 1e3, 1),
+                "snapshot_overhead": None if overhead is None else round(overhead, 4)}
 
 
 def snapshot_root(state_dir: str, model_id: str) -> Path:

@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WRITER_SUFFIXES = (".tmp", ".old")
 # a run whose requests were in flight when the trainer group died this many times in a row is not rebuilt again
-# (its own batch may be what kills the ranks): its requests fail, naming its latest checkpoint
-RUN_REBUILD_ATTEMPTS = 3
+# (its own batch may be what kills the ranks): its requests fail, naming its latest checkpoint, and the launcher's
+# restarts (3 by default) are not all spent on it
+RUN_REBUILD_ATTEMPTS = 2
 
 
 @dataclass

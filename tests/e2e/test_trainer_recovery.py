@@ -28,7 +28,6 @@ from tinker import types
 from cluster.faults import ENV as FAULTS_ENV
 from cluster.messages import AdminStatusReq
 from launch.probe import ask
-from launch.supervision import TRAINER_RESTARTS
 from tests.e2e.conftest import BUILTIN_MODEL, launch_cluster, wait_until
 from tests.e2e.pig_latin import WORDS, sft_batch
 from tests.e2e.test_data_parallel import _trainer_rank_pid
@@ -36,6 +35,7 @@ from tests.e2e.test_data_parallel import _trainer_rank_pid
 pytestmark = pytest.mark.e2e
 
 STEPS = 6
+RESTARTS = 5  # the tests below spend 4: one each for the first two, two for the run that keeps killing it
 ADAM = types.AdamParams(learning_rate=5e-3)
 
 
@@ -51,7 +51,7 @@ def running(tmp_path_factory, models_dir, faults):
     # a tiny snapshot budget: after the first step's snapshot, the rebuild must replay the log (the 2-host drills
     # run with the default budget, where a snapshot follows nearly every step of this tiny model)
     with launch_cluster(tmp_path_factory.mktemp("recovery"), models_dir, "--trainer-ranks", "2",
-                        "--heartbeat-timeout", "3", "--snapshot-budget", "0.001",
+                        "--heartbeat-timeout", "3", "--snapshot-budget", "0.001", "--trainer-restarts", str(RESTARTS),
                         env={FAULTS_ENV: str(faults)}) as cluster:
         yield cluster
 
@@ -152,6 +152,30 @@ def test_a_stopped_rank_is_found_hung_killed_and_replaced(running, faults, clien
     assert losses == ref_losses[:3]
 
 
+def test_a_run_that_kills_the_trainer_every_time_fails_naming_its_checkpoint(running, faults, client, data,
+                                                                              reference):
+    """Its forward_backward kills rank 0 each time it runs (rebuild replays included): after two deaths in a row
+    the run is given up, its request fails naming its latest checkpoint, and the other run trains on."""
+    ref_tc, _ = reference
+    tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=9).result()
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(ADAM).result()
+    saved = tc.save_state("last-good").result().path
+    fault = faults / "trainer0.TrainerForwardBackwardReq"
+    fault.write_text("sigkill")
+    pending = tc.forward_backward(data, "cross_entropy")
+    deaths = _status(running)["trainer_group"]["deaths"]
+    wait_until(lambda: _status(running)["trainer_group"]["deaths"] > deaths, 60, "the first death")
+    fault.write_text("sigkill")  # armed again for the rebuilt group
+    with pytest.raises(Exception, match="died 2 times in a row while this run's requests ran") as failure:
+        pending.result()
+    assert saved in str(failure.value)
+    with pytest.raises(Exception, match="died 2 times in a row"):  # the run is gone, and says why
+        tc.forward(data, "cross_entropy").result()
+    fault.unlink(missing_ok=True)
+    assert ref_tc.forward(data, "cross_entropy").result().metrics["loss:sum"] > 0
+
+
 def test_past_the_restart_limit_training_is_refused_and_sampling_goes_on(running, client, data, reference):
     ref_tc, _ = reference
     sampler = ref_tc.save_weights_and_get_sampling_client().result()
@@ -159,7 +183,7 @@ def test_past_the_restart_limit_training_is_refused_and_sampling_goes_on(running
     params = types.SamplingParams(max_tokens=8, temperature=0.0)
     expected = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     while (group := _status(running)["trainer_group"])["state"] != "lost":
-        assert group["deaths"] <= TRAINER_RESTARTS + 1, group
+        assert group["deaths"] <= RESTARTS + 1, group
         if group["state"] == "ready":
             os.kill(_trainer_rank_pid(running.state_dir, 0), signal.SIGKILL)
             wait_until(lambda: _status(running)["trainer_group"]["deaths"] > group["deaths"], 30, "detection")

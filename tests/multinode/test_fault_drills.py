@@ -118,6 +118,11 @@ def test_a_rank_killed_on_the_other_host_is_invisible_to_the_client(running, cli
         losses.append(out.metrics["loss:sum"])
         tc.optim_step(ADAM).result()
     assert losses == expected
+    runs = subprocess.run([sys.executable, "-m", "launch.probe", "--state-dir", str(running.state_dir), "--json",
+                           "runs"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    recovery = next(row["recovery"] for row in json.loads(runs.stdout)["rows"] if row["model_id"] == tc.model_id)
+    print("SNAPSHOTS", json.dumps(recovery))  # the default budget's cost on this model, for the README
+    assert recovery["snapshots"] >= 1 and recovery["generation"] == 2
 
 
 def test_an_engine_killed_mid_sample_hands_its_sample_to_the_other_host(running, client, reference, hosts):

@@ -48,6 +48,15 @@ def test_the_first_snapshot_comes_after_the_first_step_and_then_within_the_budge
         due.append(journal.snapshot_due(0.05))
     assert due == [False, False, False, True]
     assert len(journal.log) == 8
+    journal.snapshot_taken("/snap/b", cost_s=0.02)
+    # one 0.02 s snapshot per 0.44 s of steps from then on: within the 5% budget
+    assert journal.describe()["snapshot_overhead"] == round(0.04 / (0.11 * 5), 4)
+    for _ in range(40):
+        journal.record(_fb(), 0.1, generation=1)
+        journal.record(_step(), 0.01, generation=1)
+        if journal.snapshot_due(0.05):
+            journal.snapshot_taken("/snap/a", cost_s=0.02)
+    assert journal.describe()["snapshot_overhead"] <= 0.05 + 0.02 / (0.11 * 45)  # the first, unbudgeted one
 
 
 def test_a_long_replay_log_forces_a_snapshot_and_the_directories_take_turns(tmp_path: Path):

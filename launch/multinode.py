@@ -40,6 +40,10 @@ def add_multinode_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spawner", default="ssh", choices=sorted(REMOTE_SPAWNERS),
                    help="how processes start on other hosts: ssh, or srun inside a SLURM allocation "
                         "(launch/slurm/); a local host needs neither")
+    g.add_argument("--srun-het-group", type=int, metavar="N",
+                   help="--spawner srun in a heterogeneous SLURM job: start the hosts' steps in its component N "
+                        "(srun --het-group=N; launch/slurm/tinkerd-hetjob.sbatch; default: the job's own, as in a "
+                        "plain allocation)")
     g.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh -F FILE (host aliases, keys, users)")
     g.add_argument("--remote-python", metavar="PATH",
                    help=f"the Python interpreter on the other hosts (default: this one's path, {sys.executable})")
@@ -52,6 +56,10 @@ def add_multinode_args(p: argparse.ArgumentParser) -> None:
 
 def plan_placement(p: argparse.ArgumentParser, args: argparse.Namespace) -> Placement:
     """The placement the flags ask for; argparse errors for anything that does not add up."""
+    if args.srun_het_group is not None and args.spawner != "srun":
+        p.error(f"--srun-het-group is for --spawner srun, not {args.spawner}")
+    if args.srun_het_group is not None and args.srun_het_group < 0:
+        p.error("--srun-het-group must be >= 0")
     if args.hostfile is None:
         given = [f"--{name.replace('_', '-')}" for name in _MULTINODE_ONLY if getattr(args, name) is not None]
         if given or args.gloo_ifname is not None or args.spawner != "ssh":
@@ -116,7 +124,8 @@ def multinode_layout(args: argparse.Namespace, placement: Placement, local_env: 
     workdir = args.remote_workdir or str(REPO_ROOT)
     settings = RemoteSettings(python=args.remote_python or sys.executable, workdir=workdir,
                               env=remote_env(dict(os.environ), workdir, args.gloo_ifname),
-                              ssh_config=str(args.ssh_config) if args.ssh_config else None)
+                              ssh_config=str(args.ssh_config) if args.ssh_config else None,
+                              srun_het_group=args.srun_het_group)
     spawners = HostSpawners(LocalSpawner(local_env, str(REPO_ROOT)), sys.executable, args.spawner, settings)
     return HostLayout(placement, spawners)
 

@@ -8,7 +8,8 @@ client, or srun) whose output goes to the caller's log file there, and whose exi
   SIGKILL: the ssh client dies with its parent) the remote side gets SIGHUP, so nothing is orphaned there;
   `terminate()` types Ctrl-C on that pty (SIGINT, the command shuts down and ssh returns its status).
 - srun: `terminate()` is SIGTERM to srun, which SLURM passes on to the step; a step whose srun is gone is
-  killed by SLURM, and so is every step when the job ends (scancel).
+  killed by SLURM, and so is every step when the job ends (scancel). In a heterogeneous job the steps go to
+  the component `srun_het_group` names (launch/slurm/tinkerd-hetjob.sbatch: the worker nodes).
 
 ssh does not carry the environment over: the variables of `remote_env` are set on the command line.
 """
@@ -54,6 +55,7 @@ class RemoteSettings:
     workdir: str  # this repository's checkout on every remote host
     env: dict[str, str] = field(default_factory=dict)  # the remote environment (remote_env)
     ssh_config: str | None = None  # ssh -F
+    srun_het_group: int | None = None  # srun --het-group: the component of a heterogeneous job the hosts are in
 
 
 class LocalSpawner:
@@ -117,9 +119,12 @@ class SrunSpawner:
         self.settings = settings
 
     def command(self, host: str, argv: list[str]) -> list[str]:
-        # --overlap: steps share the allocation's CPUs and memory instead of waiting for each other
-        return ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={host}", "--overlap", "--export=ALL",
-                "--kill-on-bad-exit=1", f"--chdir={self.settings.workdir}", *argv]
+        # --overlap: steps share the allocation's CPUs and memory instead of waiting for each other; in a
+        # heterogeneous job a step runs in component 0 (the batch script's) unless --het-group names another
+        group = self.settings.srun_het_group
+        return ["srun", *([f"--het-group={group}"] if group is not None else []), "--nodes=1", "--ntasks=1",
+                f"--nodelist={host}", "--overlap", "--export=ALL", "--kill-on-bad-exit=1",
+                f"--chdir={self.settings.workdir}", *argv]
 
     def _env(self) -> dict[str, str]:
         return {**os.environ, **self.settings.env}

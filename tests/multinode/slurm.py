@@ -115,7 +115,10 @@ class SlurmCluster:
             "CommunicationParameters=NoInAddrAny,NoCtldInAddrAny",
             # Fast tests: schedule at once (batch_sched_delay=0 takes sbatch-to-COMPLETED from ~3 s to ~1 s), give
             # cancelled jobs 2 s between SIGTERM and SIGKILL, keep finished jobs in `scontrol show job` for 10 min.
-            "SchedulerType=sched/builtin", "SchedulerParameters=batch_sched_delay=0", "KillWait=2", "MinJobAge=600",
+            # sched/backfill, not builtin: slurmctld refuses heterogeneous jobs without it, and only its backfill
+            # pass starts them, every bf_interval seconds (default 30); other jobs still start at submit.
+            "SchedulerType=sched/backfill", "SchedulerParameters=batch_sched_delay=0,bf_interval=1", "KillWait=2",
+            "MinJobAge=600",
             "MessageTimeout=10",
             f"StateSaveLocation={work}/state", f"SlurmdSpoolDir={work}/spool/%n",
             f"SlurmctldPidFile={work}/slurmctld.pid", f"SlurmdPidFile={work}/slurmd-%n.pid",
@@ -188,8 +191,9 @@ class SlurmCluster:
     def output_path(self, job_id: int) -> Path:
         return self.jobs_dir / f"slurm-{job_id}.out"
 
-    def job_info(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, NodeList, ExitCode, ...); no accounting daemon needed."""
+    def job_info(self, job_id: int | str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, NodeList, ExitCode, ...); no accounting daemon needed. A
+        heterogeneous job's id shows all its components (the last one's values win): name one as "JOBID+OFFSET"."""
         out = self.command(["scontrol", "show", "job", "-o", str(job_id)])
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 

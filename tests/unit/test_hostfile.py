@@ -84,6 +84,8 @@ def test_the_launcher_takes_ranks_and_engines_from_the_hostfile(tmp_path):
     ("n1:1\n", ["--engines-per-host", "1", "--advertise-addr", "node0"], "not an IPv4 address"),
     ("n1:1\n", ["--engines-per-host", "1", "--trainer-ranks", "2"], "--trainer-ranks is 2"),
     ("n1 slots=1 engines=x\n", [], "line 1: engines must be a whole number"),
+    ("n1:1\n", ["--advertise-addr", "10.1.2.3", "--srun-het-group", "1"], "--srun-het-group is for --spawner srun"),
+    ("n1:1\n", ["--advertise-addr", "10.1.2.3", "--spawner", "srun", "--srun-het-group", "-1"], "must be >= 0"),
 ])
 def test_the_launcher_refuses_a_hostfile_layout_before_starting(tmp_path, capsys, text, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -114,6 +116,23 @@ def test_commands_for_a_remote_host_carry_the_environment_and_working_directory(
                                     "/opt/py/bin/python", "-m", "x", "--config", "/s/a b.json"]
     assert SrunSpawner(settings).command("node2", ["py"])[:4] == ["srun", "--nodes=1", "--ntasks=1",
                                                                    "--nodelist=node2"]
+
+
+def test_srun_steps_go_to_the_het_group_only_when_one_is_given(tmp_path):
+    settings = RemoteSettings(python="py", workdir="/srv/tinkerd")
+    plain = ["srun", "--nodes=1", "--ntasks=1", "--nodelist=gpu2", "--overlap", "--export=ALL",
+             "--kill-on-bad-exit=1", "--chdir=/srv/tinkerd", "py", "-m", "x"]
+    assert SrunSpawner(settings).command("gpu2", ["py", "-m", "x"]) == plain  # a plain allocation
+    het = RemoteSettings(python="py", workdir="/srv/tinkerd", srun_het_group=1)
+    assert SrunSpawner(het).command("gpu2", ["py", "-m", "x"]) == ["srun", "--het-group=1", *plain[1:]]
+
+    from launch.multinode import multinode_layout
+
+    for flags, group in (([], None), (["--srun-het-group", "1"], 1), (["--srun-het-group", "0"], 0)):
+        args = _parse(tmp_path, "gpu2:1\n", "--engines-per-host", "1", "--advertise-addr", "10.1.2.3",
+                      "--spawner", "srun", *flags)
+        layout = multinode_layout(args, args.placement, {})
+        assert layout.spawners.for_host("gpu2").settings.srun_het_group == group
 
 
 def test_local_hosts_need_no_ssh():

@@ -31,7 +31,8 @@ from cluster.messages import (  # noqa: E402
     AdminStatusReq,
 )
 from cluster.transport import BlockingPeer, RemoteError  # noqa: E402
-from launch.cluster import ADMIN_TOKEN_FILE, default_state_dir  # noqa: E402
+from launch.args import default_state_dir  # noqa: E402
+from launch.cluster import ADMIN_TOKEN_FILE  # noqa: E402
 
 TIMEOUT_MS = 10_000
 

@@ -30,7 +30,8 @@ LINGER_MS = 300
 def colocated(tmp_path_factory, models_dir):
     faults = tmp_path_factory.mktemp("faults")
     with launch_cluster(tmp_path_factory.mktemp("state"), models_dir, "--colocate", "--training-linger-ms",
-                        str(LINGER_MS), "--max-phase-ms", "1000", env={FAULT_ENV: str(faults)}) as running:
+                        str(LINGER_MS), "--max-phase-ms", "1000", "--max-adapters", "16",
+                        env={FAULT_ENV: str(faults)}) as running:
         running.faults = faults
         yield running
 

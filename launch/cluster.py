@@ -149,7 +149,8 @@ class Child:
 
 
 class Cluster:
-    def __init__(self, config: ClusterConfig, config_path: Path, layout: HostLayout | None = None):
+    def __init__(self, config: ClusterConfig, config_path: Path, layout: HostLayout | None = None,
+                 trainer_restarts: int = TRAINER_RESTARTS):
         self.config = config
         self.config_path = config_path
         self.layout = layout or HostLayout.single_node(
@@ -159,7 +160,7 @@ class Cluster:
         self.children: list[Child] = []
         self.restarts: dict[str, list[float]] = {}  # child name -> when it was restarted (monotonic)
         self.trainer_starts = 0
-        self.trainer_restarts = TRAINER_RESTARTS  # per TRAINER_RESTART_WINDOW_S (--trainer-restarts)
+        self.trainer_restarts = trainer_restarts  # per TRAINER_RESTART_WINDOW_S (--trainer-restarts)
 
     @property
     def base_url(self) -> str:
@@ -214,7 +215,6 @@ class Cluster:
                    "--master-port", str(master_port), "-m", "actors.trainer.main", "--config", str(self.config_path)]
             children.append(self.spawn(name, cmd, node.host))
         return children
-
 
     def trainer_children(self) -> list[Child]:
         return [c for c in self.children if c.name in self.trainer_names]
@@ -425,8 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(str(exc))  # nothing has started yet: refused like a bad flag
         config.save(config_path)  # now with the addresses the hosts reported
 
-    cluster = Cluster(config, config_path, layout)
-    cluster.trainer_restarts = args.trainer_restarts
+    cluster = Cluster(config, config_path, layout, args.trainer_restarts)
 
     def on_signal(signum, frame):
         raise KeyboardInterrupt

@@ -64,7 +64,7 @@ class AdminService:
             if engine is None:
                 rows.append(_worker_row(f"engine{index}", "engine", "starting", None, None, None, {}))
             else:
-                state = c.workers.describe()[f"engine{index}"]
+                state = states[f"engine{index}"]
                 rows.append(_worker_row(f"engine{index}", "engine", state, engine.host or None, engine.pid or None,
                                         now - engine.last_heartbeat, engine.memory))
         api_age = None if c.api_last_seen is None else now - c.api_last_seen

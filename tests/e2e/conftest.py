@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -94,6 +95,31 @@ def launch_cluster(state_dir: Path, models_dir: Path, *extra: str, timeout_s: fl
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
         assert not leftovers, f"processes left after shutdown: {leftovers}"
+
+
+def probe(cluster, *args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """`python -m launch.probe` against the cluster, as an administrator would run it."""
+    out = subprocess.run([sys.executable, "-m", "launch.probe", "--state-dir", str(cluster.state_dir), *args],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == expect_rc, out.stdout + out.stderr
+    return out
+
+
+def probe_json(cluster, *args: str) -> dict:
+    return json.loads(probe(cluster, "--json", *args).stdout)
+
+
+def assert_training_refused(cluster, model_id: str, detail: str) -> dict:
+    """The trainer group is lost: healthz says "degraded" naming it, and training is a 503 with that detail."""
+    import httpx
+
+    health = httpx.get(cluster.base_url + "/api/v1/healthz", timeout=10).json()
+    assert health["status"] == "degraded" and detail in health["detail"], health
+    with cluster.http_client() as http:
+        resp = http.post("/optim_step", json={"model_id": model_id, "seq_id": 999, "type": "optim_step",
+                                               "adam_params": {"learning_rate": 1e-3}})
+    assert resp.status_code == 503 and "training is unavailable" in resp.json()["detail"], resp.text
+    return health
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> float:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tinker import types
-
 from tests.e2e.conftest import BUILTIN_MODEL, launch_cluster
 from tests.e2e.pig_latin import WORDS, sft_batch, train_steps
 

@@ -7,17 +7,14 @@ so they run last, in that order.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
 import tinker
 
-from tests.e2e.conftest import BUILTIN_MODEL, REPO_ROOT, _processes_mentioning, launch_cluster
+from tests.e2e.conftest import BUILTIN_MODEL, _processes_mentioning, launch_cluster, probe, probe_json
 from tests.e2e.pig_latin import sft_batch, train_steps
 
 pytestmark = pytest.mark.e2e
@@ -28,16 +25,6 @@ def running(tmp_path_factory, models_dir):
     with launch_cluster(tmp_path_factory.mktemp("probe-state"), models_dir, "--max-adapters", "4") as cluster:
         yield cluster
 
-
-def probe(cluster, *args: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "launch.probe", "--state-dir", str(cluster.state_dir), *args],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == expect_rc, out.stdout + out.stderr
-    return out
-
-
-def probe_json(cluster, *args: str) -> dict:
-    return json.loads(probe(cluster, "--json", *args).stdout)
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,6 @@ def test_a_colocated_trainer_that_dies_is_restarted_offloaded_and_its_run_rebuil
 
     from tests.e2e.test_data_parallel import _trainer_rank_pid
 
-    adam = types.AdamParams(learning_rate=5e-3)
     reference = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=4, seed=5).result()
     data = sft_batch(reference.get_tokenizer(), ["apple", "banana", "cherry"])
     expected = train_steps(reference, data, steps=4, learning_rate=5e-3)

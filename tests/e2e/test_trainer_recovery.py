@@ -28,7 +28,7 @@ from tinker import types
 from cluster.faults import ENV as FAULTS_ENV
 from cluster.messages import AdminStatusReq
 from launch.probe import ask
-from tests.e2e.conftest import BUILTIN_MODEL, launch_cluster, wait_until
+from tests.e2e.conftest import BUILTIN_MODEL, assert_training_refused, launch_cluster, wait_until
 from tests.e2e.pig_latin import WORDS, sft_batch
 from tests.e2e.test_data_parallel import _trainer_rank_pid
 
@@ -188,11 +188,6 @@ def test_past_the_restart_limit_training_is_refused_and_sampling_goes_on(running
             os.kill(_trainer_rank_pid(running.state_dir, 0), signal.SIGKILL)
             wait_until(lambda: _status(running)["trainer_group"]["deaths"] > group["deaths"], 30, "detection")
         time.sleep(0.2)
-    health = httpx.get(running.base_url + "/api/v1/healthz", timeout=10).json()
-    assert health["status"] == "degraded" and "trainer group" in health["detail"], health
-    with running.http_client() as http:
-        resp = http.post("/optim_step", json={"model_id": ref_tc.model_id, "seq_id": 99, "type": "optim_step",
-                                               "adam_params": {"learning_rate": 1e-3}})
-    assert resp.status_code == 503 and "training is unavailable" in resp.json()["detail"], resp.text
+    assert_training_refused(running, ref_tc.model_id, "trainer group")
     again = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     assert again.sequences[0].tokens == expected.sequences[0].tokens

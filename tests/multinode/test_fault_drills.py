@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from tinker import types
 
-from tests.e2e.conftest import BUILTIN_MODEL, REPO_ROOT, launch_cluster, models_dir, wait_until  # noqa: F401
+from tests.e2e.conftest import (  # noqa: F401  (models_dir: the fixture)
+    BUILTIN_MODEL, assert_training_refused, launch_cluster, models_dir, probe, probe_json, wait_until,
+)
 from tests.e2e.pig_latin import WORDS, sft_batch
 from tests.multinode.hosts import VirtualHosts
 from tests.multinode.test_hostfile_cluster import hostfile_flags, processes_on_nodes
@@ -66,15 +65,9 @@ def reference(client):
     return tc, data, losses
 
 
-def _probe(running) -> dict:
-    out = subprocess.run([sys.executable, "-m", "launch.probe", "--state-dir", str(running.state_dir), "--json",
-                          "status"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout)
-
 
 def _worker(running, name: str) -> str:
-    return next(row["state"] for row in _probe(running)["rows"] if row["name"] == name)
+    return next(row["state"] for row in probe_json(running, "status")["rows"] if row["name"] == name)
 
 
 
@@ -103,13 +96,13 @@ def test_a_rank_killed_on_the_other_host_is_invisible_to_the_client(running, cli
     for step in range(STEPS):
         pending = tc.forward_backward(data, "cross_entropy")
         if step == 2:
-            deaths = _probe(running)["info"]["trainer_group"]["deaths"]
+            deaths = probe_json(running, "status")["info"]["trainer_group"]["deaths"]
             pid = _pid_on(hosts, "node2", "actors.trainer.main")
             time.sleep(0.3)
             os.kill(pid, signal.SIGKILL)
             hit = time.monotonic()
-            detected = wait_until(lambda: _probe(running)["info"]["trainer_group"]["deaths"] > deaths, 30, "detection")
-            back = wait_until(lambda: _probe(running)["info"]["trainer_group"]["state"] == "ready", 180, "restart")
+            detected = wait_until(lambda: probe_json(running, "status")["info"]["trainer_group"]["deaths"] > deaths, 30, "detection")
+            back = wait_until(lambda: probe_json(running, "status")["info"]["trainer_group"]["state"] == "ready", 180, "restart")
             out = pending.result()
             _row("SIGKILL trainer rank 1 (node2) mid forward_backward, 2 hosts", hit, detected, back,
                  time.monotonic(), "the normal result")
@@ -118,9 +111,7 @@ def test_a_rank_killed_on_the_other_host_is_invisible_to_the_client(running, cli
         losses.append(out.metrics["loss:sum"])
         tc.optim_step(ADAM).result()
     assert losses == expected
-    runs = subprocess.run([sys.executable, "-m", "launch.probe", "--state-dir", str(running.state_dir), "--json",
-                           "runs"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    recovery = next(row["recovery"] for row in json.loads(runs.stdout)["rows"] if row["model_id"] == tc.model_id)
+    recovery = next(row["recovery"] for row in probe_json(running, "runs")["rows"] if row["model_id"] == tc.model_id)
     print("SNAPSHOTS", json.dumps(recovery))  # the default budget's cost on this model, for the README
     assert recovery["snapshots"] >= 1 and recovery["generation"] == 2
 
@@ -157,19 +148,14 @@ def test_a_lost_host_leaves_sampling_up_and_training_refused(running, client, re
     time.sleep(0.3)
     hosts.kill_node("node2")
     hit = time.monotonic()
-    detected = wait_until(lambda: _probe(running)["info"]["trainer_group"]["state"] != "ready", 30, "detection")
+    detected = wait_until(lambda: probe_json(running, "status")["info"]["trainer_group"]["state"] != "ready", 30, "detection")
     with pytest.raises(Exception, match="training is unavailable") as failure:
         pending.result()
     done = time.monotonic()
     assert saved in str(failure.value)  # the client learns where to resume from
     lost = wait_until(lambda: _worker(running, "engine1") == "lost", 120, "engine 1 given up")
-    health = httpx.get(running.base_url + "/api/v1/healthz", timeout=10).json()
-    assert health["status"] == "degraded" and "could not be restarted" in health["detail"], health
-    assert _probe(running)["info"]["degraded"] == health["detail"]
-    with running.http_client() as http:
-        resp = http.post("/optim_step", json={"model_id": tc.model_id, "seq_id": 999, "type": "optim_step",
-                                               "adam_params": {"learning_rate": 1e-3}})
-    assert resp.status_code == 503 and "training is unavailable" in resp.json()["detail"], resp.text
+    health = assert_training_refused(running, tc.model_id, "could not be restarted")
+    assert probe_json(running, "status")["info"]["degraded"] == health["detail"]
     again = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
     assert again.sequences[0].tokens == expected.sequences[0].tokens
     _row("lose node2 (all its processes, sshd too) mid forward_backward", hit, detected, lost, done,
@@ -180,21 +166,13 @@ def test_the_probe_kills_a_run_drains_and_shuts_the_two_host_cluster_down(runnin
     """The probe's steering subcommands on this (degraded) 2-host cluster; its listings are in
     test_hostfile_cluster.py. Shutdown must stop what is left on node1 too."""
     tc, _, _ = reference
-    state = ["--state-dir", str(running.state_dir), "--json"]
-
-    def probe(*args: str) -> dict:
-        out = subprocess.run([sys.executable, "-m", "launch.probe", *state, *args], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
-        return json.loads(out.stdout)
-
-    assert probe("kill-run", tc.model_id)["info"]["killed"] == tc.model_id
-    assert tc.model_id not in [row["model_id"] for row in probe("runs")["rows"]]
-    assert probe("drain")["info"]["draining"] is True
+    assert probe_json(running, "kill-run", tc.model_id)["info"]["killed"] == tc.model_id
+    assert tc.model_id not in [row["model_id"] for row in probe_json(running, "runs")["rows"]]
+    assert probe_json(running, "drain")["info"]["draining"] is True
     with running.http_client() as http:
         refused = http.post("/create_session", json={"tags": [], "user_metadata": {}, "sdk_version": "0.38.0"})
     assert refused.status_code == 503 and "draining" in refused.json()["detail"]
-    probe("shutdown")
+    probe(running, "shutdown")
     assert running.proc.wait(timeout=60) == 0
     deadline = time.monotonic() + 20
     while processes_on_nodes(hosts)["node1"] and time.monotonic() < deadline:

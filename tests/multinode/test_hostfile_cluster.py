@@ -5,7 +5,6 @@ or SIGKILL) leaves no process behind on any host."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 from tinker import types
 
-from tests.e2e.conftest import BUILTIN_MODEL, REPO_ROOT, _processes_mentioning, launch_cluster, models_dir  # noqa: F401
+from tests.e2e.conftest import (  # noqa: F401  (models_dir: the fixture)
+    BUILTIN_MODEL, REPO_ROOT, _processes_mentioning, launch_cluster, models_dir, probe_json,
+)
 from tests.e2e.pig_latin import WORDS, chat_prompt, sft_batch, train_steps
 from tests.multinode.hosts import NODE_GLOO_ENV, VirtualHosts
 
@@ -71,12 +72,6 @@ def wait_until_nodes_are_empty(hosts: VirtualHosts, timeout_s: float = 20) -> di
     return left
 
 
-def probe_json(state_dir: Path, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "launch.probe", "--state-dir", str(state_dir), "--json", *args],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return json.loads(out.stdout)
-
 
 def test_a_two_host_cluster_trains_like_one_node_and_leaves_nothing_behind(virtual_hosts, tmp_path, models_dir):
     with launch_cluster(tmp_path / "one-node", models_dir, "--trainer-ranks", "2", "--engines", "2") as local:
@@ -88,14 +83,14 @@ def test_a_two_host_cluster_trains_like_one_node_and_leaves_nothing_behind(virtu
     with launch_cluster(state_dir, models_dir, *hostfile_flags(virtual_hosts, tmp_path)) as running:
         client = running.service_client()
         losses, samples = train_and_sample(client)
-        status = probe_json(state_dir, "status")
+        status = probe_json(running, "status")
         hosts = {row["name"]: row["host"] for row in status["rows"]}
         assert {k: hosts[k] for k in ("trainer0", "trainer1", "engine0", "engine1")} == {
             "trainer0": "node1", "trainer1": "node2", "engine0": "node1", "engine1": "node2"}
         assert all(row["state"] in ("ready", "up") for row in status["rows"]), status["rows"]
         assert status["info"]["layout"] == "dp=2 tp=1 pp=1"
-        assert probe_json(state_dir, "runs")["rows"] and probe_json(state_dir, "sessions")["rows"]
-        assert probe_json(state_dir, "futures", "--recent", "5")["rows"]
+        assert probe_json(running, "runs")["rows"] and probe_json(running, "sessions")["rows"]
+        assert probe_json(running, "futures", "--recent", "5")["rows"]
         on_nodes = processes_on_nodes(virtual_hosts)
         assert all(any("actors.engine.main" in p for p in on_nodes[n]) for n in virtual_hosts.nodes), on_nodes
         client.close("success").result()

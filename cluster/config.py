@@ -68,6 +68,9 @@ class TrainerConfig:
     call_timeout_s: float = 600.0
     max_adapters: int = 8  # adapter slots (LoRA training runs held at once)
     max_lora_rank: int = 32
+    # padded tokens (rows x longest row) one forward/backward may hold: the controller fills each clock cycle's
+    # pass up to it, and a request larger than it runs alone in microbatches (gradient accumulation)
+    max_tokens_per_pass: int = 16384
     dtype: str = "float32"
     device: str = "cpu"
 

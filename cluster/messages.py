@@ -832,8 +832,9 @@ class TrainerDropAdapterResp(Message):
 
 
 @message
-class TrainerForwardBackwardReq(Message):
-    """One rank's shard of one model's forward_backward (an empty shard is legal)."""
+class PassEntry:
+    """One model's part of a clock cycle's pass: this rank's shard of one forward_backward (an empty shard is
+    legal). Entries of several models (slots) share one pass; each keeps its own loss."""
 
     slot: int
     loss_fn: str
@@ -843,19 +844,47 @@ class TrainerForwardBackwardReq(Message):
 
 
 @message
-class TrainerForwardBackwardResp(Message):
-    result: ForwardBackwardResult
+class PassOutcome:
+    """One entry's result, or why every rank refused it (a refused entry changes nothing; the others ran)."""
+
+    result: ForwardBackwardResult | None = None
+    rejected: str = ""
 
 
 @message
-class TrainerOptimStepReq(Message):
+class TrainerForwardBackwardReq(Message):
+    """One clock cycle's pass on one rank: every entry's rows in one batch, each row with its entry's slot."""
+
+    entries: list[PassEntry]
+
+
+@message
+class TrainerForwardBackwardResp(Message):
+    outcomes: list[PassOutcome]  # one per entry, in order
+
+
+@message
+class SlotStep:
     slot: int
     adam: AdamParams
 
 
 @message
-class TrainerOptimStepResp(Message):
+class StepOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
+    rejected: str = ""
+
+
+@message
+class TrainerOptimStepReq(Message):
+    """The optim_steps of one clock cycle (several models' slots; their gradients are all-reduced together)."""
+
+    steps: list[SlotStep]
+
+
+@message
+class TrainerOptimStepResp(Message):
+    outcomes: list[StepOutcome]  # one per step, in order
 
 
 @message

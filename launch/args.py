@@ -63,6 +63,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "default %(default)g)")
     p.add_argument("--max-adapters", type=int, default=8, help="LoRA training runs held at once")
     p.add_argument("--max-lora-rank", type=int, default=32)
+    p.add_argument("--max-tokens-per-pass", type=int, default=TrainerConfig.max_tokens_per_pass, metavar="TOKENS",
+                   help="padded tokens one trainer forward/backward may hold: each clock cycle packs the ready "
+                        "forward_backward requests of every run up to it; a larger request runs in microbatches "
+                        "(default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--api-keys-file", type=Path,
@@ -93,6 +97,8 @@ def parse_args(argv: list[str] | None = None, description: str | None = None) ->
         p.error("--max-adapters-per-user must be at least 1")
     if args.trainer_timeout <= 0:
         p.error("--trainer-timeout must be positive")
+    if args.max_tokens_per_pass < 1:
+        p.error("--max-tokens-per-pass must be at least 1")
     _check_trainer_layout(p, args)
     _check_engine_backend(p, args)
     if args.api_keys_file is not None:

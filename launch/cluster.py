@@ -122,6 +122,7 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     config.trainer.ranks, config.trainer.max_adapters = args.trainer_ranks, args.max_adapters
     config.trainer.backend, config.trainer.tp, config.trainer.pp = args.trainer_backend, args.tp, args.pp
     config.trainer.call_timeout_s = args.trainer_timeout
+    config.trainer.max_tokens_per_pass = args.max_tokens_per_pass
     config.trainer.max_lora_rank = config.engine.max_lora_rank = args.max_lora_rank
     config.trainer.device = config.engine.device = args.device
     config.trainer.dtype = config.engine.dtype = args.dtype

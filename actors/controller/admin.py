@@ -76,7 +76,9 @@ class AdminService:
                 "engine_backend": config.engine.backend, "engines": config.engine.count,
                 "draining": c.draining, "failure": c.workers.failure, "engine_restarts": c.workers.engine_restarts,
                 "trainer_group": self._trainer_group(), "degraded": c.workers.degraded,
-                "residency": c.residency.describe(last=0)}
+                "residency": c.residency.describe(last=0),
+                "clock_cycles": {**vars(c.training.cycles.stats), "queued": c.training.cycles.queued(),
+                                 "max_tokens_per_pass": config.trainer.max_tokens_per_pass}}
         return AdminResp(info=info, rows=rows)
 
     def handle_AdminSessionsReq(self, req: AdminSessionsReq) -> AdminResp:

@@ -1,18 +1,17 @@
-"""Training runs: LoRA adapters living in trainer slots, and the step executor.
+"""Training runs: LoRA adapters living in trainer slots, and the executor of clock cycles.
 
-Submissions are checked and answered at once (a request_id); the run's SeqLedger
-releases them in seq_id order into one FIFO, and a single executor task runs them:
-each step is a fan-out to every trainer rank and a barrier on all replies. The datums
-are cut into one contiguous shard per data-parallel group, and every tensor/pipeline
-rank of a group gets its group's shard. Each group's outputs come from its reporting
-rank (cluster/parallel.py); they are concatenated back in datum order and their metrics
-merged by reduction suffix. Exports and saves are collectives on every rank, answered
-for by EXPORTING_RANK.
+Submissions are checked and answered at once (a request_id); each run's SeqLedger
+releases them in seq_id order into the run's own queue, and the cycle scheduler
+(cycles.py) picks what the trainer runs next: one pass for the ready forward_backwards
+of many runs (each with its adapter slot), one call for their optim_steps, or one
+barrier request alone. A single executor task runs the cycles in turn; each is a fan-out
+to every trainer rank and a barrier on all replies (trainer_calls.py builds the
+messages and merges the replies). Exports and saves are collectives on every rank,
+answered for by EXPORTING_RANK.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import re
@@ -20,9 +19,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from actors.controller.checkpoints import expiry_for
+from actors.controller.cycles import PASS, Cycle, CycleScheduler
 from actors.controller.errors import ApiError, failure_of
 from actors.controller.futures import FutureStore
 from actors.controller.ledger import SeqLedger
@@ -30,14 +28,14 @@ from actors.controller.recovery import RunJournal, forget_snapshots, snapshot_ro
 from actors.controller.residency import Residency
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
+from actors.controller.trainer_calls import optim_outcomes, optim_request, pass_outcomes, pass_requests
 from actors.controller.workers import TrainerGroupDied, TrainerGroupLost, WorkerPool
 from cluster.config import ClusterConfig
-from cluster.metrics import merge_metrics
 from cluster.parallel import EXPORTING_RANK
 from cluster.messages import (
     Caller, CreateModelReq, ForwardBackwardReq, ForwardBackwardResult, JsonResult, LoadWeightsReq, OptimStepReq,
     SaveWeightsExternalReq, SaveWeightsForSamplerReq, SaveWeightsReq, SubmitResp, TrainerCreateAdapterReq,
-    TrainerDropAdapterReq, TrainerForwardBackwardReq, TrainerLoadStateReq, TrainerOptimStepReq, TrainerPushAdapterReq,
+    TrainerDropAdapterReq, TrainerLoadStateReq, TrainerPushAdapterReq,
     TrainerSaveStateReq,
 )
 
@@ -97,7 +95,7 @@ class TrainingService:
         self.runs: dict[str, TrainingRun] = {}
         self.dropped: dict[str, str] = {}  # model_id -> why an administrator dropped it (for the 410)
         self.free_slots = list(range(config.trainer.max_adapters, 0, -1))
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self.cycles = CycleScheduler(config.trainer.max_tokens_per_pass, dp=config.trainer.parallel_dims().dp)
 
     # -- submission ---------------------------------------------------------------------
 
@@ -254,7 +252,7 @@ class TrainingService:
 
     def _enqueue(self, op: "_Op") -> None:
         op.run.queued += 1
-        self._queue.put_nowait(op)
+        self.cycles.put(op)
 
     def _check_base_model(self, base_model: str) -> None:
         served = {self.config.model.name, self.config.model.path}
@@ -327,21 +325,65 @@ class TrainingService:
 
     async def run_executor(self) -> None:
         while True:
-            op = await self._queue.get()
+            cycle = await self.cycles.next_cycle()
             try:
-                await self._execute(op)
+                await self._execute_cycle(cycle)
             finally:
-                op.run.queued -= 1
+                for op in cycle.ops:
+                    op.run.queued -= 1
+
+    async def _execute_cycle(self, cycle: Cycle) -> None:
+        live = []
+        for op in cycle.ops:
+            if op.run.dropped and not isinstance(op.req, DropRunOp):
+                self.futures.fail(op.request_id, op.run.dropped, "user")
+            else:
+                live.append(op)
+        if len(live) == 1:
+            await self._execute(live[0])
+        elif live:
+            await self._execute_shared(cycle.kind, live)
 
     async def _execute(self, op: "_Op") -> None:
-        if op.run.dropped and not isinstance(op.req, DropRunOp):
-            self.futures.fail(op.request_id, op.run.dropped, "user")
-            return
         try:
             result = await self._run_rebuilding(op.run, op.req)
         except Exception as exc:
             self._failed(op, *failure_of(exc, type(op.req).__name__))
         else:
+            self.futures.resolve(op.request_id, result)
+
+    async def _execute_shared(self, kind: str, ops: list["_Op"]) -> None:
+        """Several runs' requests in one trainer call. If the group dies meanwhile, nobody knows whose batch
+        killed it: once the new group is up, each request runs alone (rebuilt as need be), so only the run
+        that kills the group again is given up."""
+        try:
+            for run in {id(op.run): op.run for op in ops}.values():
+                if run.journal.generation not in (0, self.workers.group.generation):
+                    await self._rebuild(run)
+            started = time.monotonic()
+            work = [(op.run.slot, op.req) for op in ops]
+            outcomes = await (self._pass(work) if kind == PASS else self._optim(work))
+        except TrainerGroupDied as exc:
+            log.warning("a shared %s of %d requests: %s; running them one by one on the restarted group", kind,
+                        len(ops), exc)
+            try:
+                await self.workers.wait_for_trainers()
+            except TrainerGroupLost:
+                pass  # each request fails below with the reason
+            for op in ops:
+                await self._execute(op)
+            return
+        except Exception as exc:
+            for op in ops:
+                self._failed(op, *failure_of(exc, type(op.req).__name__))
+            return
+        elapsed = (time.monotonic() - started) / len(ops)
+        for op, outcome in zip(ops, outcomes):
+            if isinstance(outcome, ApiError):
+                self._failed(op, *failure_of(outcome, type(op.req).__name__))
+                continue
+            result = outcome if kind == PASS else JsonResult(payload={"metrics": outcome})
+            await self._recorded(op.run, op.req, elapsed)
             self.futures.resolve(op.request_id, result)
 
     async def _run_rebuilding(self, run: TrainingRun, req: Any) -> Any:
@@ -368,10 +410,14 @@ class TrainingService:
                 except TrainerGroupLost as lost:
                     raise TrainerGroupLost(f"{lost}; {self._resume_hint(run.model_id)}") from None
                 continue
-            run.journal.record(req, time.monotonic() - started, self.workers.group.generation)
-            if run.journal.snapshot_due(self.config.controller.snapshot_budget):
-                await self._snapshot(run)
+            await self._recorded(run, req, time.monotonic() - started)
             return result
+
+    async def _recorded(self, run: TrainingRun, req: Any, elapsed_s: float) -> None:
+        """`req` ran: into the run's replay log, and a snapshot if one is due (recovery.py)."""
+        run.journal.record(req, elapsed_s, self.workers.group.generation)
+        if run.journal.snapshot_due(self.config.controller.snapshot_budget):
+            await self._snapshot(run)
 
     async def _rebuild(self, run: TrainingRun) -> None:
         """Bring the run's adapter back in a new trainer group: its snapshot, then its replay log, in order."""
@@ -418,26 +464,18 @@ class TrainingService:
         return JsonResult(payload={"model_id": run.model_id})
 
     async def execute_ForwardBackwardReq(self, run: TrainingRun, req: ForwardBackwardReq) -> ForwardBackwardResult:
-        dims = self.workers.dims
-        bounds = dims.shard_bounds(req.batch.num_datums)
-        shards = []
-        for rank in range(dims.world_size):
-            shards.append(TrainerForwardBackwardReq(
-                slot=run.slot, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config,
-                forward_only=req.forward_only, batch=req.batch.select(*bounds[dims.coords(rank).dp])))
-        replies = await self._trainer_fan_out(shards)
-        results = [resp.result for resp in self.workers.reporting_replies(replies)]
-        return ForwardBackwardResult(
-            lengths=np.concatenate([r.lengths for r in results]),
-            logprobs=np.concatenate([r.logprobs for r in results]),
-            elementwise_loss=np.concatenate([r.elementwise_loss for r in results]),
-            metrics=merge_metrics([(r.metrics, len(r.lengths)) for r in results]),
-        )
+        return _raised((await self._pass([(run.slot, req)]))[0])
 
     async def execute_OptimStepReq(self, run: TrainingRun, req: OptimStepReq) -> JsonResult:
-        replies = await self._trainer_broadcast(lambda: TrainerOptimStepReq(slot=run.slot, adam=req.adam))
-        # the norm is of the whole gradient, all-reduced: every reporting rank knows the same one
-        return JsonResult(payload={"metrics": self.workers.reporting_replies(replies)[0].metrics})
+        return JsonResult(payload={"metrics": _raised((await self._optim([(run.slot, req)]))[0])})
+
+    async def _pass(self, work: list[tuple[int, ForwardBackwardReq]]) -> list[ForwardBackwardResult | ApiError]:
+        dims = self.workers.dims
+        return pass_outcomes(dims, await self._trainer_fan_out(pass_requests(dims, work)))
+
+    async def _optim(self, work: list[tuple[int, OptimStepReq]]) -> list[dict | ApiError]:
+        replies = await self._trainer_broadcast(lambda: optim_request(work))
+        return optim_outcomes(self.workers.dims, replies)
 
     async def execute_SaveWeightsForSamplerReq(self, run: TrainingRun, req: SaveWeightsForSamplerReq) -> JsonResult:
         save_dir = None
@@ -498,6 +536,12 @@ class TrainingService:
         finally:
             self.free_slots.append(run.slot)
             forget_snapshots(self.config.state_dir, run.model_id)
+
+
+def _raised(outcome):
+    if isinstance(outcome, ApiError):
+        raise outcome
+    return outcome
 
 
 def _unknown_model(model_id: str) -> ApiError:

@@ -34,9 +34,10 @@ from actors.engine.interface import current_rss_bytes
 from actors.peft import expected_lora_shapes, target_module_names
 from actors.trainer.batch_checks import checked_loss_inputs
 from actors.trainer.checkpoint_files import SlotState, read_training_state, write_training_state
-from actors.trainer.optim import SlotAdamW
+from actors.trainer.cobatch import CheckedEntry
+from actors.trainer.optim import SlotAdamW, validate_adam_params
 from cluster.config import ClusterConfig
-from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec, RankCoords
+from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec, PassEntry, RankCoords, SlotStep
 from cluster.parallel import ParallelDims
 
 
@@ -71,15 +72,31 @@ class TrainerBackend(abc.ABC):
     def drop_adapter(self, slot: int) -> None: ...
 
     @abc.abstractmethod
-    def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
-                         forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
-        """Per-token target logprobs and loss of this DP shard; unless forward_only, add the
-        gradient of the shard's summed loss to the slot's gradients. The result is
+    def forward_backward_many(self, entries: list[PassEntry]) -> list[ForwardBackwardResult | ValueError]:
+        """One clock cycle's pass (actors/trainer/cobatch.py): per entry, the per-token target logprobs and loss
+        of its DP shard, and unless forward_only its summed loss's gradient added to its slot's gradients; or the
+        ValueError every rank refused the entry with (its slot untouched, the others ran). Results are
         meaningful on the DP group's reporting rank (ParallelDims.reporting_rank)."""
 
     @abc.abstractmethod
+    def optim_steps(self, steps: list[SlotStep]) -> list[dict[str, float] | ValueError]:
+        """Per step: sum the slot's gradients over DP, clip by the global norm, AdamW; metrics on every rank.
+        The slots' gradients are all-reduced together. A refused step leaves its slot as it was."""
+
+    def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
+                         forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
+        """One model's pass alone (what a cycle with one entry does)."""
+        (outcome,) = self.forward_backward_many([PassEntry(slot=slot, loss_fn=loss_fn, loss_fn_config=loss_fn_config,
+                                                           forward_only=forward_only, batch=batch)])
+        if isinstance(outcome, ValueError):
+            raise outcome
+        return outcome
+
     def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
-        """Sum the slot's gradients over DP, clip by the global norm, AdamW; metrics on every rank."""
+        (outcome,) = self.optim_steps([SlotStep(slot=slot, adam=adam)])
+        if isinstance(outcome, ValueError):
+            raise outcome
+        return outcome
 
     @abc.abstractmethod
     def module_shapes(self) -> dict[str, tuple[int, int]]:
@@ -161,13 +178,20 @@ class TrainerBackend(abc.ABC):
         """Ranks check different shards (or read the same files); if any rank rejects, every
         rank must reject the request, or the others would keep the effects of a request
         that failed."""
-        if self.world_size > 1:
-            flag = torch.tensor([0 if rejection is None else 1], dtype=torch.int32, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if rejection is None and int(flag.item()):
-                raise ValueError(f"another trainer rank rejected {what} (its reply names the problem)")
-        if rejection is not None:
-            raise rejection
+        (agreed,) = self.agree_on_rejections([rejection], what)
+        if agreed is not None:
+            raise agreed
+
+    def agree_on_rejections(self, rejections: list[ValueError | None], what: str = "its shard of this batch"
+                            ) -> list[ValueError | None]:
+        """`agree_on_validation` for several requests at once (one collective): each is refused everywhere if
+        any rank refused it."""
+        if self.world_size == 1 or not rejections:
+            return rejections
+        flags = torch.tensor([0 if r is None else 1 for r in rejections], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [ValueError(f"another trainer rank rejected {what} (its reply names the problem)")
+                if rejection is None and int(flag) else rejection for rejection, flag in zip(rejections, flags)]
 
 
 class SlotTensorBackend(TrainerBackend):
@@ -240,24 +264,43 @@ class SlotTensorBackend(TrainerBackend):
         if slot not in self.slots.specs:
             raise ValueError(f"adapter slot {slot} holds no adapter")
 
-    def checked_request(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
-                        batch: DatumBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A forward_backward's target tokens and loss inputs, once every rank has found its
-        shard good (batch_checks.py); a ValueError on every rank if any rank did not."""
-        try:
-            self.check_adapter(slot)
-            checked = checked_loss_inputs(loss_fn, loss_fn_config, batch, self.vocab_size,
-                                          self.config.model.max_context, self.device)
-            rejection = None
-        except ValueError as exc:
-            checked, rejection = None, exc
-        self.agree_on_validation(rejection)
-        return checked
+    def forward_backward_many(self, entries: list[PassEntry]) -> list[ForwardBackwardResult | ValueError]:
+        checked, rejections = [], []
+        for entry in entries:  # a shard is checked by every rank of its DP group (batch_checks.py)
+            try:
+                self.check_adapter(entry.slot)
+                targets, inputs = checked_loss_inputs(entry.loss_fn, entry.loss_fn_config, entry.batch,
+                                                      self.vocab_size, self.config.model.max_context, self.device)
+                checked.append(CheckedEntry.of(entry, targets, inputs))
+                rejections.append(None)
+            except ValueError as exc:
+                checked.append(None)
+                rejections.append(exc)
+        rejections = self.agree_on_rejections(rejections)
+        accepted = [c for c, rejection in zip(checked, rejections) if rejection is None]
+        results = iter(self.run_pass(accepted) if accepted else [])
+        return [rejection if rejection is not None else next(results) for rejection in rejections]
 
+    @abc.abstractmethod
+    def run_pass(self, entries: list[CheckedEntry]) -> list[ForwardBackwardResult]:
+        """The accepted entries' pass: their results in order (actors/trainer/cobatch.py)."""
 
-def to_numpy_f32(tensor: torch.Tensor) -> np.ndarray:
-    """A float32 copy on the CPU (never a view of live parameters or moments)."""
-    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+    def optim_steps(self, steps: list[SlotStep]) -> list[dict[str, float] | ValueError]:
+        rejections = []
+        for step in steps:  # every rank gets the same steps, so every rank decides the same
+            try:
+                self.check_adapter(step.slot)
+                validate_adam_params(step.adam)  # before any collective: a refused step leaves the gradients alone
+                rejections.append(None)
+            except ValueError as exc:
+                rejections.append(exc)
+        accepted = [step for step, rejection in zip(steps, rejections) if rejection is None]
+        metrics = iter(self.step_slots(accepted) if accepted else [])
+        return [rejection if rejection is not None else next(metrics) for rejection in rejections]
+
+    @abc.abstractmethod
+    def step_slots(self, steps: list[SlotStep]) -> list[dict[str, float]]:
+        """The accepted steps: all-reduce their slots' gradients over DP (together), then clip and step each."""
 
 
 @torch.no_grad()

@@ -32,7 +32,9 @@ from cluster.faults import inject_fault
 from cluster.messages import (
     EngineLoadAdapterReq,
     ErrorResp,
+    PassOutcome,
     ShutdownEvent,
+    StepOutcome,
     TrainerCreateAdapterReq,
     TrainerCreateAdapterResp,
     TrainerDropAdapterReq,
@@ -163,13 +165,16 @@ class TrainerWorker:
         return TrainerDropAdapterResp()
 
     def handle_TrainerForwardBackwardReq(self, req: TrainerForwardBackwardReq) -> TrainerForwardBackwardResp:
+        """One clock cycle's pass: every entry's rows in one batch (actors/trainer/cobatch.py)."""
         inject_fault(f"trainer{self.rank}", "TrainerForwardBackwardReq")
-        result = self.backend.forward_backward(req.slot, req.loss_fn, req.loss_fn_config,
-                                               req.forward_only, req.batch)
-        return TrainerForwardBackwardResp(result=result)
+        outcomes = self.backend.forward_backward_many(req.entries)
+        return TrainerForwardBackwardResp(outcomes=[
+            PassOutcome(rejected=str(o)) if isinstance(o, ValueError) else PassOutcome(result=o) for o in outcomes])
 
     def handle_TrainerOptimStepReq(self, req: TrainerOptimStepReq) -> TrainerOptimStepResp:
-        return TrainerOptimStepResp(metrics=self.backend.optim_step(req.slot, req.adam))
+        outcomes = self.backend.optim_steps(req.steps)
+        return TrainerOptimStepResp(outcomes=[
+            StepOutcome(rejected=str(o)) if isinstance(o, ValueError) else StepOutcome(metrics=o) for o in outcomes])
 
     def handle_TrainerPushAdapterReq(self, req: TrainerPushAdapterReq) -> TrainerPushAdapterResp:
         """Every rank takes part in gathering the adapter; the exporting rank writes it

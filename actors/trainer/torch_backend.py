@@ -22,11 +22,14 @@ from actors.lora import LoraSlots
 from actors.model_loading import load_causal_lm
 from actors.peft import lora_tensor_names, module_kind, trains_kind
 from actors.trainer.checkpoint_files import MOMENTS, SlotState
-from actors.trainer.interface import SlotTensorBackend, all_reduce_sum, to_numpy_f32
+from actors.trainer.cobatch import (
+    CheckedEntry, Piece, entry_results, gather_targets, piece_losses, piece_rows, plan_microbatches, to_numpy_f32,
+)
+from actors.trainer.interface import SlotTensorBackend, all_reduce_sum
 from actors.trainer.losses import compute_loss
-from actors.trainer.optim import SlotAdamW, validate_adam_params
+from actors.trainer.optim import SlotAdamW
 from cluster.config import ClusterConfig
-from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec
+from cluster.messages import ForwardBackwardResult, LoraSpec, SlotStep
 from cluster.parallel import EXPORTING_RANK
 
 log = logging.getLogger(__name__)
@@ -93,49 +96,43 @@ class TorchTrainerBackend(SlotTensorBackend):
 
     # -- training ------------------------------------------------------------------------
 
-    def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
-                         forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
-        """Per-datum target logprobs and loss; unless forward_only, add the loss's gradient
-        (of the sum over this shard) to the slot's gradients."""
-        targets, inputs = self.checked_request(slot, loss_fn, loss_fn_config, batch)
-        with torch.set_grad_enabled(not forward_only):
-            if batch.num_datums == 0:
-                target_logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=self.device)
-            else:
-                target_logprobs = self._target_logprobs(slot, batch, targets)
-            lengths = torch.tensor(np.asarray(batch.lengths), dtype=torch.int64, device=self.device)
-            elementwise, metrics = compute_loss(loss_fn, target_logprobs, inputs, loss_fn_config, lengths)
-            if not forward_only and batch.num_datums > 0:
-                elementwise.sum().backward()
-        return ForwardBackwardResult(
-            lengths=np.asarray(batch.lengths, dtype=np.int64).copy(),
-            logprobs=to_numpy_f32(target_logprobs),
-            elementwise_loss=to_numpy_f32(elementwise),
-            metrics=metrics,
-        )
+    def run_pass(self, entries: list[CheckedEntry]) -> list[ForwardBackwardResult]:
+        """The cycle's rows in one batch per microbatch (cobatch.py), each row with its entry's slot; the summed
+        loss of the entries that train is backpropagated once per microbatch."""
+        outputs: dict[int, list] = {}
+        training = any(not c.entry.forward_only for c in entries)
+        for pieces in plan_microbatches(entries, self.config.trainer.max_tokens_per_pass):
+            with torch.set_grad_enabled(training):
+                per_piece = self._target_logprobs(entries, pieces)
+                loss = piece_losses(entries, pieces, per_piece, compute_loss, outputs)
+                if loss is not None:
+                    loss.backward()
+        return entry_results(entries, outputs, compute_loss, self.device)
 
-    def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
-        self.check_adapter(slot)
-        validate_adam_params(adam)  # before the all-reduce: a rejected step must leave grads as they were
+    def step_slots(self, steps: list[SlotStep]) -> list[dict[str, float]]:
         if self.world_size > 1:  # every rank is a DP rank
-            all_reduce_sum(self.optimizer.slot_grads(slot))
-        return self.optimizer.step(slot, adam)
+            all_reduce_sum([grad for step in steps for grad in self.optimizer.slot_grads(step.slot)])
+        return [self.optimizer.step(step.slot, step.adam) for step in steps]
 
-    def _target_logprobs(self, slot: int, batch: DatumBatch, targets: torch.Tensor) -> torch.Tensor:
-        """logp(target) at every real position, in float32: `[T]` or `[T, K]` like targets.
+    def _target_logprobs(self, entries: list[CheckedEntry], pieces: list[Piece]) -> list[torch.Tensor]:
+        """logp(target) at every real position of each piece, in float32: `[T]` or `[T, K]` like its targets.
 
-        Datums are right-padded into one batch; causal attention means a real token never
+        Rows are right-padded into one batch; causal attention means a real token never
         sees the padding after it, so results equal running each datum alone.
         """
-        lengths = torch.tensor(np.asarray(batch.lengths), dtype=torch.int64, device=self.device)
-        tokens = torch.tensor(np.asarray(batch.tokens), dtype=torch.int64, device=self.device)
+        tokens, lengths, slots = piece_rows(entries, pieces)
+        lengths = torch.as_tensor(lengths, device=self.device)
         width = int(lengths.max())
         real = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
         input_ids = torch.zeros(real.shape, dtype=torch.int64, device=self.device)
-        input_ids[real] = tokens
-        with self.slots.use(slot):
+        input_ids[real] = torch.as_tensor(tokens, device=self.device)
+        with self.slots.use(torch.as_tensor(slots, device=self.device)):
             logits = self.model(input_ids=input_ids, attention_mask=real.long(), use_cache=False).logits
-        logprobs = logits[real].float().log_softmax(dim=-1)  # [T, V], datum-major like `tokens`
-        if targets.dim() == 1:
-            return logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
-        return logprobs.gather(1, targets)
+        logprobs = logits[real].float().log_softmax(dim=-1)  # [T, V], piece-major like `tokens`
+        out, start = [], 0
+        for piece in pieces:
+            checked = entries[piece.entry]
+            lo, hi = piece.token_range(checked)
+            out.append(gather_targets(logprobs[start:start + hi - lo], checked.targets[lo:hi]))
+            start += hi - lo
+        return out

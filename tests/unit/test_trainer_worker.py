@@ -18,8 +18,8 @@ import zmq
 from actors.peft import read_peft_adapter
 from cluster.config import ClusterConfig, ControllerConfig, ModelConfig, TrainerConfig
 from cluster.messages import (
-    AdamParams, DatumBatch, EngineLoadAdapterReq, EngineLoadAdapterResp, ErrorResp, LoraSpec, RankCoords,
-    ShutdownEvent, TrainerCreateAdapterReq, TrainerCreateAdapterResp, TrainerForwardBackwardReq,
+    AdamParams, DatumBatch, EngineLoadAdapterReq, EngineLoadAdapterResp, ErrorResp, LoraSpec, PassEntry, RankCoords,
+    ShutdownEvent, SlotStep, TrainerCreateAdapterReq, TrainerCreateAdapterResp, TrainerForwardBackwardReq,
     TrainerOptimStepReq, TrainerPushAdapterReq, WorkerFailedEvent, WorkerHeartbeatEvent, WorkerReadyEvent,
 )
 from cluster.transport import BlockingPeer
@@ -104,17 +104,21 @@ def test_single_rank_serves_requests_and_pushes_adapters(builtin_model_dir, tmp_
         spec = LoraSpec(rank=4, seed=5)
 
         assert isinstance(_call(router, me, TrainerCreateAdapterReq(slot=1, lora=spec)), TrainerCreateAdapterResp)
-        fb = _call(router, me, TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=_batch([3, 5])))
-        assert fb.result.logprobs.shape == (8,) and fb.result.metrics["loss:sum"] > 0
-        step = _call(router, me, TrainerOptimStepReq(slot=1, adam=AdamParams(learning_rate=1e-2)))
-        assert step.metrics["grad_norm:mean"] > 0
+        fb = _call(router, me, _pass(1, _batch([3, 5])))
+        assert fb.outcomes[0].result.logprobs.shape == (8,) and fb.outcomes[0].result.metrics["loss:sum"] > 0
+        step = _call(router, me, _step(1))
+        assert step.outcomes[0].metrics["grad_norm:mean"] > 0
 
         bad_rank = _call(router, me, TrainerCreateAdapterReq(slot=2, lora=LoraSpec(rank=3)))
         assert isinstance(bad_rank, ErrorResp) and bad_rank.status == 400 and "power of 2" in bad_rank.detail
         bad_tokens = _batch([2])
         bad_tokens.tokens = np.array([1, 10_000])
-        bad_fb = _call(router, me, TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=bad_tokens))
-        assert isinstance(bad_fb, ErrorResp) and bad_fb.status == 400 and "token ids" in bad_fb.detail
+        bad_fb = _call(router, me, TrainerForwardBackwardReq(entries=[_entry(1, bad_tokens), _entry(1, _batch([2]))]))
+        assert "token ids" in bad_fb.outcomes[0].rejected and bad_fb.outcomes[0].result is None
+        assert not bad_fb.outcomes[1].rejected and bad_fb.outcomes[1].result.logprobs.shape == (2,)  # it still ran
+        refused = _call(router, me, TrainerOptimStepReq(steps=[SlotStep(slot=2, adam=AdamParams()),
+                                                               SlotStep(slot=1, adam=AdamParams(learning_rate=1e-2))]))
+        assert "holds no adapter" in refused.outcomes[0].rejected and refused.outcomes[1].metrics["grad_norm:mean"] > 0
 
         push = TrainerPushAdapterReq(slot=1, adapter_id="run1:v1", engine_addresses=[engine_address],
                                      save_dir=str(tmp_path / "sampler"), call_id=next(_call_ids))
@@ -168,21 +172,18 @@ def test_torchrun_ranks_train_in_lockstep(builtin_model_dir, tmp_path, zmq_ctx):
         # rank 1's shard is invalid: both ranks must refuse, or rank 0 would keep its gradients
         bad = batch.select(2, 4)
         bad.tokens = np.full_like(bad.tokens, 5000)
-        refused = _fan_out(router, ranks, [TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy",
-                                                                     batch=batch.select(0, 2)),
-                                           TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=bad)])
-        assert all(isinstance(r, ErrorResp) and r.status == 400 for r in refused), refused
-        assert "token ids" in refused[1].detail and "another trainer rank" in refused[0].detail
+        refused = _fan_out(router, ranks, [_pass(1, batch.select(0, 2)), _pass(1, bad)])
+        assert "token ids" in refused[1].outcomes[0].rejected, refused
+        assert "another trainer rank" in refused[0].outcomes[0].rejected, refused
 
-        shards = [TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=batch.select(2 * r, 2 * r + 2))
-                  for r in range(2)]
-        optim = TrainerOptimStepReq(slot=1, adam=AdamParams(learning_rate=1e-2))
+        shards = [_pass(1, batch.select(2 * r, 2 * r + 2)) for r in range(2)]
+        optim = _step(1)
         push = TrainerPushAdapterReq(slot=1, adapter_id="a", save_dir=str(tmp_path / "out"))
         replies += [_fan_out(router, ranks, shards), _fan_out(router, ranks, [optim, optim]),
                     _fan_out(router, ranks, [push, push])]
         assert all(not isinstance(r, ErrorResp) for group in replies for r in group), replies
         stepped = replies[2]
-        assert stepped[0].metrics == stepped[1].metrics  # all-reduced gradients: the same norm
+        assert stepped[0].outcomes == stepped[1].outcomes  # all-reduced gradients: the same norm
         assert replies[3][0].size_bytes > 0 and replies[3][1].size_bytes == 0  # only rank 0 exports
         for identity in ranks:
             router.send(ShutdownEvent(), identity)
@@ -190,6 +191,18 @@ def test_torchrun_ranks_train_in_lockstep(builtin_model_dir, tmp_path, zmq_ctx):
     finally:
         proc.kill()
         proc.wait()
+
+
+def _entry(slot: int, batch: DatumBatch) -> PassEntry:
+    return PassEntry(slot=slot, loss_fn="cross_entropy", batch=batch)
+
+
+def _pass(slot: int, batch: DatumBatch) -> TrainerForwardBackwardReq:
+    return TrainerForwardBackwardReq(entries=[_entry(slot, batch)])
+
+
+def _step(slot: int) -> TrainerOptimStepReq:
+    return TrainerOptimStepReq(steps=[SlotStep(slot=slot, adam=AdamParams(learning_rate=1e-2))])
 
 
 def _fan_out(router: BlockingPeer, identities: list[bytes], reqs: list) -> list:

@@ -20,7 +20,7 @@ from actors.controller.workers import WorkerFailure, WorkerPool
 from cluster.codec import encode
 from cluster.messages import (
     DatumBatch, ErrorResp, RankCoords, TrainerDropAdapterReq, TrainerDropAdapterResp, TrainerForwardBackwardReq,
-    TrainerForwardBackwardResp, ForwardBackwardResult, WorkerReadyEvent,
+    TrainerForwardBackwardResp, ForwardBackwardResult, PassEntry, PassOutcome, WorkerReadyEvent,
 )
 from cluster.parallel import ParallelDims
 from cluster.transport import AsyncPeer, BlockingPeer, RemoteError
@@ -33,7 +33,7 @@ def _address() -> str:
 
 def _request_with_arrays() -> TrainerForwardBackwardReq:
     batch = DatumBatch(tokens=np.arange(4), lengths=np.array([4]), loss_inputs={"target_tokens": np.arange(4)})
-    return TrainerForwardBackwardReq(slot=1, loss_fn="cross_entropy", batch=batch)
+    return TrainerForwardBackwardReq(entries=[PassEntry(slot=1, loss_fn="cross_entropy", batch=batch)])
 
 
 def _without_its_arrays(msg) -> list:
@@ -49,8 +49,8 @@ def test_undecodable_requests_and_replies_fail_their_calls():
         peer.send(WorkerReadyEvent(role="trainer", rank=0, world_size=1))
         got = peer.recv(timeout_ms=10_000)  # the broken request is answered inside recv; this is the next one
         _, req = got
-        reply = TrainerForwardBackwardResp(result=ForwardBackwardResult(
-            lengths=np.array([1]), logprobs=np.zeros(1, np.float32), elementwise_loss=np.zeros(1, np.float32)))
+        reply = TrainerForwardBackwardResp(outcomes=[PassOutcome(result=ForwardBackwardResult(
+            lengths=np.array([1]), logprobs=np.zeros(1, np.float32), elementwise_loss=np.zeros(1, np.float32)))])
         reply.call_id = req.call_id
         peer.sock.send_multipart(_without_its_arrays(reply))
         peer.recv(timeout_ms=200)  # let the last frames leave before closing

@@ -5,9 +5,10 @@ multi-LoRA slot tensors on the parallel linears (lora.py) and AdamW per slot ove
 rank's part of them (actors/trainer/optim.py, the torch backend's optimizer). The
 interface is actors/trainer/interface.py; every method is a collective over the ranks.
 
-- forward_backward runs the DP shard through megatron-core's schedule (passes.py); the
-  loss and logprobs are known on the last stage, whose TP rank 0 reports them.
-- optim_step sums gradients over the DP group, takes the norm of the whole gradient
+- a clock cycle's pass (every entry's DP shard, each row with its slot) runs through
+  megatron-core's schedule (passes.py); the losses and logprobs are known on the last
+  stage, whose TP rank 0 reports them.
+- an optim step sums gradients over the DP group, takes the norm of the whole gradient
   (TP-sharded tensors summed over TP, every stage's summed over PP), clips by it and
   steps: every rank of a layout ends with the same step as one whole model would take.
 - A slot's state leaves and enters as full PEFT-named arrays, independent of TP/PP:
@@ -31,15 +32,17 @@ from transformers import AutoConfig
 from actors.model_loading import DTYPES
 from actors.peft import module_kind, peft_name, trains_kind
 from actors.trainer.checkpoint_files import MOMENTS, SlotState
-from actors.trainer.interface import SlotTensorBackend, all_reduce_sum, to_numpy_f32
+from actors.trainer.cobatch import CheckedEntry, entry_results, plan_microbatches
+from actors.trainer.interface import SlotTensorBackend, all_reduce_sum
+from actors.trainer.losses import compute_loss
 from actors.trainer.megatron.cpu_shims import apply_cpu_shims
 from actors.trainer.megatron.lora import wrap_gpt_model
 from actors.trainer.megatron.model import build_gpt_model, check_supported_config, init_model_parallel
 from actors.trainer.megatron.passes import microbatches, run_pass
 from actors.trainer.megatron.weights import load_hf_state_dict, read_hf_weights
-from actors.trainer.optim import SlotAdamW, validate_adam_params
+from actors.trainer.optim import SlotAdamW
 from cluster.config import ClusterConfig
-from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec
+from cluster.messages import ForwardBackwardResult, LoraSpec, SlotStep
 from cluster.parallel import EXPORTING_RANK
 
 log = logging.getLogger(__name__)
@@ -155,29 +158,20 @@ class MegatronTrainerBackend(SlotTensorBackend):
 
     # -- training ------------------------------------------------------------------------
 
-    def forward_backward(self, slot: int, loss_fn: str, loss_fn_config: dict[str, float | str],
-                         forward_only: bool, batch: DatumBatch) -> ForwardBackwardResult:
-        targets, inputs = self.checked_request(slot, loss_fn, loss_fn_config, batch)
-        output = None
-        if batch.num_datums:  # every rank of a DP group has the same shard: all run, or none
-            parts = microbatches(batch, targets, inputs, self.dims.pp, self.device)
-            output = run_pass(self.model, parts, loss_fn, loss_fn_config, forward_only, self.vocab_size,
-                              lambda part: self.slots.use(slot))
-        lengths = np.asarray(batch.lengths, dtype=np.int64).copy()
-        if output is None:  # an empty shard, or a stage before the last: it knows no loss
-            zeros = np.zeros(targets.shape, dtype=np.float32)
-            return ForwardBackwardResult(lengths=lengths, logprobs=zeros, elementwise_loss=zeros.copy(),
-                                         metrics={"loss:sum": 0.0})
-        return ForwardBackwardResult(lengths=lengths, logprobs=to_numpy_f32(output.logprobs),
-                                     elementwise_loss=to_numpy_f32(output.elementwise_loss), metrics=output.metrics)
+    def run_pass(self, entries: list[CheckedEntry]) -> list[ForwardBackwardResult]:
+        plan = plan_microbatches(entries, self.config.trainer.max_tokens_per_pass, min_count=self.dims.pp)
+        outputs = None
+        if plan:  # every rank of a DP group has the same shard: all run, or none
+            parts = microbatches(entries, plan, self.device)
+            outputs = run_pass(self.model, entries, parts, self.vocab_size, lambda part: self.slots.use(part.slots))
+        # a stage before the last knows no loss: zeros (the reporting rank is on the last stage)
+        return entry_results(entries, outputs or {}, compute_loss, self.device)
 
-    def optim_step(self, slot: int, adam: AdamParams) -> dict[str, float]:
-        self.check_adapter(slot)
-        validate_adam_params(adam)  # before any collective: a rejected step leaves the gradients alone
-        grads = self.optimizer.slot_grads(slot)
+    def step_slots(self, steps: list[SlotStep]) -> list[dict[str, float]]:
         if self.dims.dp > 1:
+            grads = [grad for step in steps for grad in self.optimizer.slot_grads(step.slot)]
             all_reduce_sum(grads, parallel_state.get_data_parallel_group())
-        return self.optimizer.step(slot, adam, grad_norm=self._grad_norm(slot))
+        return [self.optimizer.step(step.slot, step.adam, grad_norm=self._grad_norm(step.slot)) for step in steps]
 
     @torch.no_grad()
     def _grad_norm(self, slot: int) -> float:

@@ -115,7 +115,7 @@ def test_a_shared_pass_gives_each_model_what_it_gets_alone(backend):
             torch.testing.assert_close(getattr(backend.optimizer, moment)[name][IDLE], value, rtol=0, atol=0)
 
 
-def test_microbatches_add_up_to_the_whole_pass(backend, monkeypatch):
+def test_microbatches_add_up_to_the_whole_pass(backend):
     whole = copy.deepcopy(backend)
     expected = whole.forward_backward_many(_entries())
     backend.config.trainer.max_tokens_per_pass = 40  # 9 rows x 17 wide would be 153: several microbatches

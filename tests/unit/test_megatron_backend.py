@@ -13,7 +13,8 @@ the adapter and its Adam moments. The Megatron backend then runs the same steps:
   groups): dp4, dp2 x tp2, dp2 x pp2 and tp2 x pp2. Each rank gets its DP group's shard
   exactly as the controller cuts it, and the reporting rank's outputs are compared.
 
-Every layout also: mixes two adapters in one pass (each row equals its adapter alone),
+Every layout also: runs two adapters with two losses in one clock cycle's pass, cut into
+microbatches (each equals its adapter's own pass, gradients included),
 writes a checkpoint that the torch backend loads, and loads the torch backend's
 checkpoint (with its optimizer) and continues exactly as the torch backend does.
 Tolerance 1e-4 (fp32), relative to each quantity's scale.
@@ -201,35 +202,35 @@ def _check_checkpoints(backend, case, record, directory: Path, note) -> None:
 
 
 def _check_mixed_adapters(backend, case, start, stop, reports, note) -> None:
-    """Rows of two adapters in one pass equal each adapter's own pass."""
-    from actors.trainer.batch_checks import checked_loss_inputs
-    from actors.trainer.megatron.passes import microbatches, run_pass
+    """A clock cycle's pass holding two adapters with two losses (cut into several microbatches) gives each
+    adapter what its own pass gives: logprobs, losses and gradients."""
+    from cluster.messages import PassEntry
 
     backend.create_adapter(2, OTHER)  # B starts at 0: one step makes the slot differ from the base model
     backend.forward_backward(2, "cross_entropy", {}, False, _batch(0, case["vocab"]).select(start, stop))
     backend.optim_step(2, ADAM)
-    batch = _batch(0, case["vocab"]).select(start, stop)
-    targets, inputs = checked_loss_inputs("cross_entropy", {}, batch, backend.vocab_size, 64, backend.device)
-    parts = microbatches(batch, targets, inputs, backend.dims.pp, backend.device)
-    rows = [torch.tensor([1 + (i + p) % 2 for i in range(part.input_ids.shape[0])]) for p, part in enumerate(parts)]
-    row_slots = {id(part): r for part, r in zip(parts, rows)}
-
-    def logprobs(scope):
-        out = run_pass(backend.model, parts, "cross_entropy", {}, True, backend.vocab_size, scope)
-        return None if out is None else out.logprobs.numpy()
-
-    mixed = logprobs(lambda part: backend.slots.use(row_slots[id(part)]))
-    alone = {slot: logprobs(lambda part, s=slot: backend.slots.use(s)) for slot in (1, 2)}
+    entries = [PassEntry(slot=1, loss_fn="cross_entropy", batch=_batch(0, case["vocab"]).select(start, stop)),
+               PassEntry(slot=2, loss_fn="ppo", batch=_batch(2, case["vocab"]).select(start, stop))]
+    alone = []
+    for entry in entries:
+        (result,) = backend.forward_backward_many([entry])
+        alone.append((result, _full_grads(backend, entry.slot)))
+        backend.optimizer.zero_grad(entry.slot)
+    budget = backend.config.trainer.max_tokens_per_pass
+    backend.config.trainer.max_tokens_per_pass = 2 * max(LENGTHS)  # two rows a microbatch
+    try:
+        shared = backend.forward_backward_many(entries)
+    finally:
+        backend.config.trainer.max_tokens_per_pass = budget
+    for entry, result, (solo, solo_grads) in zip(entries, shared, alone):
+        grads = _full_grads(backend, entry.slot)
+        if reports:
+            note("mixed adapters", _scaled_diff(result.logprobs, solo.logprobs))
+            note("mixed adapters", _scaled_diff(result.elementwise_loss, solo.elementwise_loss))
+        if grads is not None:
+            note("mixed adapters", max(_scaled_diff(grads[k], v) for k, v in solo_grads.items()))
+        backend.optimizer.zero_grad(entry.slot)
     backend.drop_adapter(2)
-    if mixed is None:
-        return
-    expected, offset = np.empty_like(mixed), 0
-    for part, slots in zip(parts, rows):
-        for length, slot in zip(part.lengths.tolist(), slots.tolist()):
-            expected[offset:offset + length] = alone[slot][offset:offset + length]
-            offset += length
-    if reports:
-        note("mixed adapters", _scaled_diff(mixed, expected))
 
 
 # -- running the layouts -------------------------------------------------------------------

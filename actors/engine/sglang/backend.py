@@ -24,10 +24,13 @@ SGLANG_USE_CPU_ENGINE=1 and installs the shims of actors/engine/sglang/cpu_shims
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 30.0  # how long a release waits for SGLang's scheduler to let go of aborted requests
 STEP_QUANTUM_S = 0.005  # the longest one step runs SGLang's loop before the engine process polls its sockets
+CHILD_POLL_S = 0.5  # how often the engine checks that SGLang's scheduler and detokenizer still run
 SPOOL_DIR = "/dev/shm"  # tmpfs: where pushed adapters become PEFT files for SGLang to read
 # what each of tinkerd's residency tags releases in SGLang (CUDA graphs live with the KV cache)
 SGLANG_MEMORY_TAGS = {KV_CACHE: ["kv_cache", "cuda_graph"], WEIGHTS: ["weights"]}
@@ -85,6 +89,47 @@ def server_args(config: ClusterConfig) -> dict:
     return args
 
 
+class ChildrenWatch:
+    """Ends this process the moment one of SGLang's processes (scheduler, detokenizer) is gone.
+
+    SGLang notices a dead child itself, but acts on it in a SIGQUIT handler on its asyncio loop, which this
+    process runs only in `step`; and that handler waits up to a minute for the children to be reaped. Until
+    then the engine would keep heartbeating with no scheduler, its samples waiting forever. A thread here
+    polls the children and SIGKILLs the rest and then this process, so the launcher restarts it at once."""
+
+    def __init__(self, pids: list[int], interval_s: float = CHILD_POLL_S):
+        import psutil  # SGLang's dependency: only its virtualenv runs this module
+
+        if not pids:
+            raise RuntimeError("SGLang reported no scheduler or detokenizer process to watch")
+        self.children = {c: " ".join(c.cmdline()).strip() or c.name() for c in map(psutil.Process, pids)}
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="sglang-children").start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self, interval_s: float) -> None:
+        import psutil
+
+        def gone(child) -> bool:
+            try:
+                return child.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
+
+        while not self._stopped.wait(interval_s):
+            dead = [c for c in self.children if gone(c)]
+            if dead and not self._stopped.is_set():
+                log.error("SGLang's %s (pid %d) is gone; ending this engine process so the launcher restarts it",
+                          self.children[dead[0]], dead[0].pid)
+                for child in self.children:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+                logging.shutdown()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
 def prepare_process(config: ClusterConfig) -> None:
     """What must hold before sglang is first imported in this process (and in those it spawns)."""
     os.environ["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"  # read at import: sampled logprobs at temperature 1
@@ -102,6 +147,7 @@ class SglangEngineBackend(EngineBackend):
         self.config = config
         self.seeds_reproduce = config.engine.device != "cpu"
         self.engine = sglang.Engine(**server_args(config))
+        self._children_watch = ChildrenWatch(self.engine.get_all_child_pids())
         self.loop = self.engine.loop
         manager = self.engine.tokenizer_manager
         hf_config = manager.model_config.hf_config
@@ -123,6 +169,7 @@ class SglangEngineBackend(EngineBackend):
                 "eos_token_ids": sorted(self.eos_token_ids), "unsupported": unsupported_options(self.seeds_reproduce)}
 
     def close(self) -> None:
+        self._children_watch.stop()  # shutdown ends SGLang's processes on purpose
         self.engine.shutdown()
 
     # -- sampling ------------------------------------------------------------------------

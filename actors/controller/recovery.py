@@ -9,7 +9,9 @@ mounts) and the **replay log** of every state-changing request that ran since it
 snapshot and runs the log again in order; the request that was in flight then runs as
 if nothing happened, with the result it would have had (CPU and CUDA kernels are
 deterministic for a fixed batch and layout; tests/e2e/test_trainer_recovery.py checks
-the losses bit for bit against a run that never crashed).
+the losses bit for bit against a run that never crashed). A logged request that shared a
+clock cycle's pass with other runs (cycles.py) is replayed alone: a different batch, so
+the rebuilt state equals the lost one up to float32 summation noise, not bit for bit.
 
 Snapshot policy: a snapshot is taken right after an optim_step (gradients are empty
 then, so the snapshot is the whole state), when the trainer time the run spent since the

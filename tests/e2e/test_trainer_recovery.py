@@ -35,7 +35,7 @@ from tests.e2e.test_data_parallel import _trainer_rank_pid
 pytestmark = pytest.mark.e2e
 
 STEPS = 6
-RESTARTS = 5  # the tests below spend 4: one each for the first two, two for the run that keeps killing it
+RESTARTS = 6  # the tests below spend 5: one each for the first two and the shared pass, two for the run that kills it
 ADAM = types.AdamParams(learning_rate=5e-3)
 
 
@@ -150,6 +150,28 @@ def test_a_stopped_rank_is_found_hung_killed_and_replaced(running, faults, clien
         losses.append(out.metrics["loss:sum"])
         tc.optim_step(ADAM).result()
     assert losses == ref_losses[:3]
+
+
+def test_a_shared_pass_that_dies_runs_again_request_by_request(running, faults, client, data, reference):
+    """Two runs' forward_backwards share a clock cycle's pass when a rank dies in it: nobody knows whose batch
+    killed the group, so on the restarted group each runs alone, and both get the result they would have had."""
+    ref_tc, ref_losses = reference
+    runs = [client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=7).result() for _ in range(2)]
+    passes = _status(running)["clock_cycles"]["passes"]
+    blocker = ref_tc.forward(data * 8, "cross_entropy")  # keeps the trainer busy while both requests queue
+    wait_until(lambda: _status(running)["clock_cycles"]["passes"] > passes, 30, "the blocking pass")
+    time.sleep(0.3)  # the ranks have taken the blocking pass: the fault waits for the next one
+    deaths = _status(running)["trainer_group"]["deaths"]
+    (faults / "trainer1.TrainerForwardBackwardReq").write_text("sigkill")
+    pending = [tc.forward_backward(data, "cross_entropy") for tc in runs]
+    blocker.result()
+    results = [p.result() for p in pending]
+    assert _status(running)["trainer_group"]["deaths"] == deaths + 1 and not list(faults.iterdir())
+    assert [r.metrics["loss:sum"] for r in results] == [ref_losses[0]] * 2  # each ran alone, as the reference did
+    log = (running.state_dir / "logs" / "controller.log").read_text()
+    assert "a shared pass of 2 requests" in log and "running them one by one" in log, log[-3000:]
+    for tc in runs:
+        tc.optim_step(ADAM).result()
 
 
 def test_a_run_that_kills_the_trainer_every_time_fails_naming_its_checkpoint(running, faults, client, data,

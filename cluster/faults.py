@@ -3,7 +3,8 @@
 A worker process started with TINKERD_FAULT_DIR=DIR checks, at each hook, for a file
 `DIR/<worker>.<point>` (worker: `engine0`, `trainer0`, …; point: the request's message
 name, optionally followed by `.<tags>` for the engine's memory requests, e.g.
-`engine0.EngineResumeMemoryReq.kv_cache`). A file that is there is removed (so the fault
+`engine0.EngineResumeMemoryReq.kv_cache`, and `.shared` for a trainer pass that holds
+several runs' requests, `trainer1.TrainerForwardBackwardReq.shared`). A file that is there is removed (so the fault
 fires once) and the handler raises InjectedFault, which the worker answers like any other
 handler failure (a 500 naming the worker) — unless the file says `sigkill` or `sigstop`:
 then the process sends itself that signal, a crash or a hang at a known point of a step

@@ -3,11 +3,14 @@
 A backend (picked by name, cluster/backends.py) is constructed once per rank as
 `Backend(config, rank, world_size, local_world_size)`, after torch.distributed is
 initialized when world_size > 1. Every method is called on every rank with the same
-arguments, except `forward_backward`, whose batch is the rank's DP group's shard. Only
-numpy arrays and cluster/messages.py values cross this interface, never torch tensors.
+arguments, except `forward_backward_many`, whose entries' batches are the rank's DP
+group's shards. Only numpy arrays and cluster/messages.py values cross this interface,
+never torch tensors.
 
-A backend implements adapter slots (slot 0 is the bare base model), forward_backward
-with a Tinker loss, optim_step, and three collectives over its ranks that move a slot's
+A backend implements adapter slots (slot 0 is the bare base model), a clock cycle's
+pass over several slots each with its Tinker loss (`forward_backward_many`; slot-tensor
+backends implement `run_pass`, actors/trainer/cobatch.py), optim steps of several slots
+(`optim_steps`; `step_slots`), and three collectives over its ranks that move a slot's
 state as full PEFT-named arrays (`checkpoint_files.SlotState`):
 - `gather_slot_state(slot, with_optimizer)` returns the whole state on global rank 0 and
   None elsewhere (every TP shard and pipeline stage contributes its part);

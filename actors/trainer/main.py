@@ -166,7 +166,8 @@ class TrainerWorker:
 
     def handle_TrainerForwardBackwardReq(self, req: TrainerForwardBackwardReq) -> TrainerForwardBackwardResp:
         """One clock cycle's pass: every entry's rows in one batch (actors/trainer/cobatch.py)."""
-        inject_fault(f"trainer{self.rank}", "TrainerForwardBackwardReq")
+        shared = ["TrainerForwardBackwardReq.shared"] if len(req.entries) > 1 else []  # a pass of several runs
+        inject_fault(f"trainer{self.rank}", "TrainerForwardBackwardReq", *shared)
         outcomes = self.backend.forward_backward_many(req.entries)
         return TrainerForwardBackwardResp(outcomes=[
             PassOutcome(rejected=str(o)) if isinstance(o, ValueError) else PassOutcome(result=o) for o in outcomes])

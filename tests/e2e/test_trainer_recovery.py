@@ -157,12 +157,11 @@ def test_a_shared_pass_that_dies_runs_again_request_by_request(running, faults, 
     killed the group, so on the restarted group each runs alone, and both get the result they would have had."""
     ref_tc, ref_losses = reference
     runs = [client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=7).result() for _ in range(2)]
+    deaths = _status(running)["trainer_group"]["deaths"]
+    (faults / "trainer1.TrainerForwardBackwardReq.shared").write_text("sigkill")  # fires in a pass of several runs
     passes = _status(running)["clock_cycles"]["passes"]
     blocker = ref_tc.forward(data * 8, "cross_entropy")  # keeps the trainer busy while both requests queue
     wait_until(lambda: _status(running)["clock_cycles"]["passes"] > passes, 30, "the blocking pass")
-    time.sleep(0.3)  # the ranks have taken the blocking pass: the fault waits for the next one
-    deaths = _status(running)["trainer_group"]["deaths"]
-    (faults / "trainer1.TrainerForwardBackwardReq").write_text("sigkill")
     pending = [tc.forward_backward(data, "cross_entropy") for tc in runs]
     blocker.result()
     results = [p.result() for p in pending]

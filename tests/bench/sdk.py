@@ -20,6 +20,14 @@ def _datums(rows) -> list[types.Datum]:
             for inputs, targets, weights in rows]
 
 
+def train_step(training, data: list[types.Datum], adam: types.AdamParams) -> None:
+    """forward_backward + optim_step, both submitted before either result is awaited (Tinker's pipelining)."""
+    fwd = training.forward_backward(data, "cross_entropy")
+    opt = training.optim_step(adam)
+    fwd.result()
+    opt.result()
+
+
 def close_quietly(service) -> None:
     """End the session; older SDKs lack close(), and the server may already be gone."""
     try:
@@ -68,10 +76,7 @@ class SdkBench:
 
         def step(i: int) -> float:
             t0 = time.perf_counter()
-            fwd = self.training.forward_backward(data, "cross_entropy")
-            opt = self.training.optim_step(self.adam)
-            fwd.result()
-            opt.result()
+            train_step(self.training, data, self.adam)
             return tokens / (time.perf_counter() - t0)
 
         return spec.measure(s.reps, s.warmup, step)

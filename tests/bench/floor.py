@@ -40,6 +40,7 @@ from api.json_fields import JsonObject, parse_json_object
 from api.sampling import DEFAULT_MAX_TOKENS
 from api.server import PREFIX, Handlers, errors_as_json, json_response, render_result
 from cluster.messages import ForwardBackwardResult, JsonResult, SampledSequence, SampleResult
+from cluster.process import die_with_parent
 from tests.bench import spec
 
 READY = "floor ready: base_url="
@@ -282,6 +283,7 @@ def main(argv=None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on the ready line)")
     args = p.parse_args(argv)
+    die_with_parent()  # a benchmark that dies must not leave its stub listening
     try:
         uvloop.run(serve(args.host, args.port))
     except KeyboardInterrupt:

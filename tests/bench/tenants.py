@@ -28,6 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
+from cluster.process import die_with_parent
 from tests.bench import spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +146,7 @@ def child(args) -> None:
 
     from tests.bench.sdk import _datums, close_quietly, train_step
 
+    die_with_parent()  # a benchmark that dies must not leave its tenants training
     sizes = spec.sizes_from_args(args)
     service = tinker.ServiceClient(base_url=args.base_url)  # the key: TINKER_API_KEY
     try:

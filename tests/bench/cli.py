@@ -27,9 +27,11 @@ with ratio = server median / raw median.
 
 The SDK floor (tests/bench/floor.py: a stub server that answers every call at once with a
 canned result) runs next, also before the server starts: the latency workloads' SDK calls
-(and the tenants) against it. Raw compute + that floor is the best a client can see, so
-every latency figure is also reported as its overhead: server - raw - floor (medians, ms).
-The report marks the issue's targets as passed or missed.
+(and the tenants) against it; create_lora_training_client to first result there runs
+--latency-warmup + --latency-reps times, as the stub needs no fresh start. Raw compute +
+that floor is the best a client can see, so every latency figure is also reported as its
+overhead: server - raw - floor (medians, ms). The report marks the issue's targets as
+passed or missed.
 
 Writes OUT/bench.json (everything, samples included) and OUT/bench.png (the main
 figures), and prints a table. `python -m tests.bench.report OUT/bench.json` prints it again.

@@ -98,7 +98,7 @@ class Tenants:
         except BaseException:
             self.close()
             raise
-        self.start_lags_ms: dict[int, list[float]] = {}
+        self.start_lags_ms: list[float] = []
 
     def run(self, n: int) -> float:
         """One run of the first n tenants at once: aggregate training tokens/s."""
@@ -107,7 +107,7 @@ class Tenants:
             tenant.send({"op": "run", "at": start})
         replies = [tenant.reply(RUN_TIMEOUT_S) for tenant in self.tenants[:n]]
         # how late the last tenant began: large lags mean the start signal was not simultaneous
-        self.start_lags_ms.setdefault(n, []).append(max(r["began"] for r in replies) * 1e3 - start * 1e3)
+        self.start_lags_ms.append((max(r["began"] for r in replies) - start) * 1e3)
         return sum(r["tokens"] for r in replies) / (max(r["end"] for r in replies) - start)
 
     def close(self) -> None:
@@ -127,9 +127,9 @@ def measure(base_url: str, base_model: str, sizes: spec.Sizes, api_key: str) -> 
                     samples[spec.tenants_key(n)].append(value)
     finally:
         tenants.close()
-    lags = [lag for n_lags in tenants.start_lags_ms.values() for lag in n_lags]
+    lags = sorted(tenants.start_lags_ms)
     note = (f"{max(sizes.tenant_list)} tenant processes; the last tenant began at most {max(lags):.1f} ms "
-            f"after the start signal (median of runs {sorted(lags)[len(lags) // 2]:.1f} ms)")
+            f"after the start signal (median of runs {lags[len(lags) // 2]:.1f} ms)")
     return samples, note
 
 

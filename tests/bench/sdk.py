@@ -140,8 +140,11 @@ class SdkBench:
 
 
 def create_to_first_result(base_url: str, base_model: str, sizes: spec.Sizes, api_key: str) -> float:
-    """Seconds from create_lora_training_client to its first forward_backward result
-    (the ServiceClient, i.e. the session, exists before the clock starts)."""
+    """Seconds from create_lora_training_client to its first forward_backward result.
+
+    ServiceClient() itself sends nothing: SDK 0.38 sends client/config, dynamic_config and
+    create_session on the first call, so they are inside the window (the SDK floor's
+    figure has them too, so the overhead above raw + floor leaves them out)."""
     service = tinker.ServiceClient(base_url=base_url, api_key=api_key)
     data = _datums(spec.train_batch(sizes, batch=1, seq=sizes.rt_tokens))
     try:

@@ -15,12 +15,23 @@ cold start --cold-reps times:
   4 weight sync   save_weights_and_get_sampling_client / save_weights_for_sampler +
                   create_sampling_client, to the short request's result with the new weights
   5 cold start    launch/cluster.py start to healthy; create_lora_training_client to first result
+  6 tenants       N client processes at once (each its own session and LoRA), tenant-steps x
+                  (forward_backward + optim_step on tenant-batch x tenant-seq) each, aggregate
+                  tokens/s, for every N in --tenant-counts (default 1,4,8), on the same server
 
 The raw baseline (tests/bench/raw.py: plain torch + transformers in one process, the
 same model, LoRA shape and batches) runs first, before any server is started, so the
 two never share the CPU. Against --base-url it needs --model (the same model as the
 server's, a local dir or hub id) or it is skipped. Every server figure is reported
 with ratio = server median / raw median.
+
+The SDK floor (tests/bench/floor.py: a stub server that answers every call at once with a
+canned result) runs next, also before the server starts: the latency workloads' SDK calls
+(and the tenants) against it; create_lora_training_client to first result there runs
+--latency-warmup + --latency-reps times, as the stub needs no fresh start. Raw compute +
+that floor is the best a client can see, so every latency figure is also reported as its
+overhead: server - raw - floor (medians, ms). The report marks the issue's targets as
+passed or missed.
 
 Writes OUT/bench.json (everything, samples included) and OUT/bench.png (the main
 figures), and prints a table. `python -m tests.bench.report OUT/bench.json` prints it again.
@@ -74,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--skip", default="",
                      help=f"comma-separated workloads to skip: {','.join(spec.WORKLOADS)}")
     run.add_argument("--no-raw", action="store_true", help="skip the raw baseline")
+    run.add_argument("--no-floor", action="store_true", help="skip the SDK floor (the stub server)")
     run.add_argument("--raw-threads", type=int, default=0, help="torch threads of the raw baseline "
                                                                 "(default: torch's choice, all cores)")
     spec.add_size_args(p)
@@ -87,7 +99,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--model-config builds a model for tinkerd; with --base-url give --model (the server's model)")
     if args.base_url and args.launch_arg:
         p.error("--launch-arg only applies when the benchmark starts tinkerd")
+    check_tenant_counts(p, args)
     return args
+
+
+def check_tenant_counts(p: argparse.ArgumentParser, args) -> None:
+    try:
+        counts = spec.sizes_from_args(args).tenant_list
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        p.error(f"--tenant-counts: positive integers, comma-separated (got {args.tenant_counts!r})")
+    # each tenant holds one of tinkerd's adapter slots (8 by default); more slots would also
+    # change what every other figure measures, so it is the caller's choice, not made here
+    if (not args.base_url and "tenants" not in args.skip and max(counts) > 8
+            and not any(a.startswith("--max-adapters") for a in args.launch_arg)):
+        p.error(f"--tenant-counts up to {max(counts)} needs as many adapter slots: "
+                f"add --launch-arg=--max-adapters={max(counts)}")
 
 
 def run_raw(args, model: str, sizes: spec.Sizes) -> dict:
@@ -105,40 +133,98 @@ def run_raw(args, model: str, sizes: spec.Sizes) -> dict:
         return json.loads(out.read_text())
 
 
+FLOOR_MODEL = "tinkerd-bench/floor"  # the stub serves any name
+
+
 class Runner:
-    """Runs the SDK workloads and collects samples, notes and errors."""
+    """Runs the SDK workloads and collects samples, notes and errors (the server's and the SDK floor's)."""
 
     def __init__(self, args, sizes: spec.Sizes):
         self.args, self.sizes = args, sizes
         self.samples: dict[str, list[float]] = {}
+        self.floor: dict[str, list[float]] = {}
         self.notes: dict[str, str] = {}
         self.errors: dict[str, str] = {}
 
-    def attempt(self, key: str, fn) -> None:
+    def attempt(self, key: str | None, fn, into: dict | None = None, name: str | None = None) -> None:
+        """into[key] = fn() (into: the server's samples by default); with key None, fn returns {key: samples}."""
+        into = self.samples if into is None else into
+        name = name or key
         t0 = time.perf_counter()
         try:
-            self.samples[key] = fn()
-            log(f"{key}: done in {time.perf_counter() - t0:.1f} s")
+            value = fn()
+            into.update(value if key is None else {key: value})
+            log(f"{name}: done in {time.perf_counter() - t0:.1f} s")
         except Exception as exc:  # a server that lacks a feature still gets the other figures
-            self.errors[key] = f"{type(exc).__name__}: {exc}"
-            log(f"{key} FAILED: {self.errors[key]}\n{traceback.format_exc()}")
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+            log(f"{name} FAILED: {self.errors[name]}\n{traceback.format_exc()}")
+
+    def steps(self, bench, latency_only: bool = False) -> list[tuple[str, object]]:
+        """(figure key, what measures it) for the workloads not skipped."""
+        steps = [("roundtrip_ms", bench.roundtrip), ("train_tokens_per_s", bench.train),
+                 ("sample_tokens_per_s", bench.sample_throughput),
+                 ("sample_first_result_ms", bench.sample_first_result),
+                 ("sync_sampling_client_ms", lambda: bench.weight_sync(named=False)),
+                 ("sync_named_ms", lambda: bench.weight_sync(named=True))]
+        return [(key, fn) for key, fn in steps if spec.FIGURES_BY_KEY[key].workload_id not in self.args.skip
+                and (key in spec.LATENCY_KEYS or not latency_only)]
 
     def server_workloads(self, base_url: str, base_model: str) -> None:
         from tests.bench.sdk import SdkBench
 
         bench = SdkBench(base_url, base_model, self.sizes, self.args.api_key)
         try:
-            steps = [("roundtrip", "roundtrip_ms", bench.roundtrip), ("train", "train_tokens_per_s", bench.train),
-                     ("sample", "sample_tokens_per_s", bench.sample_throughput),
-                     ("sample", "sample_first_result_ms", bench.sample_first_result),
-                     ("sync", "sync_sampling_client_ms", lambda: bench.weight_sync(named=False)),
-                     ("sync", "sync_named_ms", lambda: bench.weight_sync(named=True))]
-            for workload, key, fn in steps:
-                if workload not in self.args.skip:
-                    self.attempt(key, fn)
+            for key, fn in self.steps(bench):
+                self.attempt(key, fn)
             self.notes.update(bench.notes)
         finally:
+            bench.close()  # frees its adapter slot before the tenants take theirs
+        self.tenants(base_url, base_model, self.samples)
+
+    def tenants(self, base_url: str, base_model: str, into: dict, name: str = "tenants") -> None:
+        from tests.bench import tenants
+
+        if "tenants" in self.args.skip:
+            return
+
+        def measure() -> dict[str, list[float]]:
+            samples, note = tenants.measure(base_url, base_model, self.sizes, self.args.api_key)
+            if into is self.samples:
+                self.notes[spec.tenants_key(max(self.sizes.tenant_list))] = note
+            return samples
+
+        self.attempt(None, measure, into, name)
+
+    def floor_workloads(self) -> None:
+        """The latency workloads (and the tenants) against the SDK floor, a stub that answers at once."""
+        from tests.bench import floor
+
+        try:
+            stub = floor.start()
+        except Exception as exc:  # the server's own figures do not need it
+            self.errors["floor"] = f"{type(exc).__name__}: {exc}"
+            log(f"the SDK floor stub FAILED to start: {self.errors['floor']}")
+            return
+        log(f"SDK floor stub at {stub.base_url}")
+        try:
+            self.attempt(None, lambda: self.floor_latency(stub.base_url), self.floor, "floor latency")
+            self.tenants(stub.base_url, FLOOR_MODEL, self.floor, "floor tenants")
+        finally:
+            stub.stop()
+
+    def floor_latency(self, base_url: str) -> dict[str, list[float]]:
+        from tests.bench.sdk import SdkBench, create_to_first_result
+
+        s = self.sizes
+        bench = SdkBench(base_url, FLOOR_MODEL, s, self.args.api_key)
+        try:
+            samples = {key: fn() for key, fn in self.steps(bench, latency_only=True)}
+        finally:
             bench.close()
+        if "cold" not in self.args.skip:
+            samples["cold_first_result_s"] = [create_to_first_result(base_url, FLOOR_MODEL, s, self.args.api_key)
+                                              for _ in range(s.latency_warmup + s.latency_reps)][s.latency_warmup:]
+        return samples
 
 
 def default_base_model(base_url: str, api_key: str) -> str:
@@ -252,6 +338,10 @@ def main(argv=None) -> int:
     launch_model, raw_model, model_info = choose_models(args)
     raw_result, raw_skipped = raw_baseline(args, raw_model, sizes)
     runner = Runner(args, sizes)
+    floor_skipped = "--no-floor" if args.no_floor else None
+    if not args.no_floor:
+        log("SDK floor ...")
+        runner.floor_workloads()
     if args.base_url:
         target = bench_external(args, sizes, runner)
     else:
@@ -260,7 +350,8 @@ def main(argv=None) -> int:
         target["model_info"] = model_info
     load["end"] = [round(x, 2) for x in os.getloadavg()]
     result = report.build(target=target, sizes=sizes, server=runner.samples, raw_result=raw_result,
-                          raw_skipped=raw_skipped, notes=runner.notes, started=started, loadavg=load)
+                          raw_skipped=raw_skipped, floor=runner.floor, floor_skipped=floor_skipped,
+                          notes=runner.notes, started=started, loadavg=load)
     result["errors"] = runner.errors
     json_path, png_path, png_problem = report.write(result, args.out)
     print(report.table(result))

@@ -2,7 +2,11 @@
 
 Every figure carries the server's numbers and the raw baseline's (median, min, max, n,
 samples) and `ratio` = server median / raw median. For tok/s a ratio below 1 means
-slower than raw; for ms and s a ratio above 1 means slower than raw.
+slower than raw; for ms and s a ratio above 1 means slower than raw. The latency figures
+also carry the SDK floor's numbers (`floor`: the same calls against tests/bench/floor.py's
+stub) and `overhead_ms` = server median - raw median - floor median: what the server adds
+above the best a client can see. Each tenants figure carries `scaling` = its median / the
+1-tenant median. `targets` checks the issue's goals against those.
 
     python -m tests.bench.report OUT/bench.json     # print the table (and redraw the PNG) again
 """
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from tests.bench import spec
 
-SCHEMA = "tinkerd-bench/1"
+SCHEMA = "tinkerd-bench/2"  # 2: the SDK floor, overhead_ms, tenants, targets
 JSON_NAME = "bench.json"
 PNG_NAME = "bench.png"
 BUSY_WARNING = 0.15  # idle machines show a few percent
@@ -73,23 +77,54 @@ def git_commit(repo: Path) -> str | None:
         return None
 
 
-def figure_entries(server: dict[str, list[float]], raw: dict[str, dict] | None,
-                   notes: dict[str, str]) -> list[dict]:
+def _median(stats: dict | None) -> float | None:
+    return stats.get("median") if stats else None
+
+
+def overhead_ms(key: str, unit: str, server: dict, raw: dict | None, floor: dict | None) -> float | None:
+    """Server median - raw median - SDK floor median, in ms: latency figures only."""
+    medians = [_median(server), _median(raw), _median(floor)]
+    if key not in spec.LATENCY_KEYS or None in medians:
+        return None
+    return (medians[0] - medians[1] - medians[2]) * (1e3 if unit == "s" else 1.0)
+
+
+def figure_entries(sizes: spec.Sizes, server: dict[str, list[float]], raw: dict[str, dict] | None,
+                   floor: dict[str, list[float]], notes: dict[str, str]) -> list[dict]:
     entries = []
-    for fig in spec.FIGURES:
+    for fig in spec.figures(sizes):
         ours = spec.summarize(server.get(fig.key, []))
         theirs = (raw or {}).get(fig.key)
+        base = spec.summarize(floor[fig.key]) if fig.key in floor else None
         ratio = None
-        if ours["median"] is not None and theirs and theirs.get("median"):
+        if ours["median"] is not None and _median(theirs):
             ratio = ours["median"] / theirs["median"]
         entries.append({"key": fig.key, "workload": fig.workload, "unit": fig.unit, "better": fig.better,
                         "what": fig.what, "raw_what": fig.raw_what, "server": ours, "raw": theirs,
-                        "ratio": ratio, "note": notes.get(fig.key)})
+                        "ratio": ratio, "floor": base,
+                        "overhead_ms": overhead_ms(fig.key, fig.unit, ours, theirs, base), "note": notes.get(fig.key)})
+    one = next((_median(e["server"]) for e in entries if e["key"] == spec.tenants_key(1)), None)
+    for e in entries:
+        if e["key"].startswith("tenants_"):
+            e["scaling"] = e["server"]["median"] / one if one and e["server"]["median"] is not None else None
     return entries
 
 
+def target_results(figures: list[dict]) -> list[dict]:
+    """Each of spec.TARGETS with its measured value and pass (True / False / None: not measured)."""
+    by_key = {f["key"]: f for f in figures}
+    out = []
+    for t in spec.TARGETS:
+        value = by_key.get(t.key, {}).get(t.measure)
+        out.append({"target": t.text, "figure": t.key, "measure": t.measure, "op": t.op, "threshold": t.threshold,
+                    "value": value, "pass": t.passes(value)})
+    return out
+
+
 def build(*, target: dict, sizes: spec.Sizes, server: dict[str, list[float]], raw_result: dict | None,
-          raw_skipped: str | None, notes: dict[str, str], started: datetime, loadavg: dict) -> dict:
+          raw_skipped: str | None, floor: dict[str, list[float]], floor_skipped: str | None, notes: dict[str, str],
+          started: datetime, loadavg: dict) -> dict:
+    figures = figure_entries(sizes, server, raw_result["figures"] if raw_result else None, floor, notes)
     return {
         "schema": SCHEMA,
         "date": started.astimezone(timezone.utc).isoformat(timespec="seconds"),
@@ -101,8 +136,15 @@ def build(*, target: dict, sizes: spec.Sizes, server: dict[str, list[float]], ra
         "sizes": sizes.as_dict(),
         "raw": {"ran": raw_result is not None, "skipped_because": raw_skipped,
                 **({k: v for k, v in raw_result.items() if k != "figures"} if raw_result else {})},
+        "floor": {"ran": floor_skipped is None, "skipped_because": floor_skipped, "what": spec.FLOOR_WHAT},
         "ratio": "server median / raw median",
-        "figures": figure_entries(server, raw_result["figures"] if raw_result else None, notes),
+        "overhead_ms": "server median - raw median - SDK floor median, in ms (latency figures)",
+        "scaling": "tenants: aggregate tokens/s median / the 1-tenant median",
+        "figures": figures,
+        "tenants": {"counts": sizes.tenant_list,
+                    "scaling": {str(f["key"].split("_")[1]): f["scaling"] for f in figures
+                                if f["key"].startswith("tenants_")}},
+        "targets": target_results(figures),
     }
 
 
@@ -129,15 +171,43 @@ def _machine(result: dict) -> str:
     return f"{m.get('cpu', '?')}, {m.get('cpu_count')} cores" + (f", {m['accelerator']}" if m.get("accelerator") else "")
 
 
+def _ratio(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _rows(result: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for f in result["figures"]:
+        rows.append((f["workload"], f["key"], f["unit"], _cell(f["server"]), _cell(f["raw"]), _ratio(f["ratio"]),
+                     _cell(f.get("floor")), _ratio(f.get("overhead_ms"), 1), _ratio(f.get("scaling"))))
+    return rows
+
+
+HEADER = ("workload", "figure", "unit", "server median [min-max]", "raw median [min-max]", "ratio",
+          "SDK floor median [min-max]", "over raw+floor ms", "x 1 tenant")
+
+
+def _target_value(t: dict) -> str:
+    if t["value"] is None:
+        return "not measured"
+    return f"{t['value']:.1f} ms" if t["measure"] == "overhead_ms" else f"{t['value']:.2f}x"
+
+
+def _mark(t: dict) -> str:
+    return {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]
+
+
+def targets_of(result: dict) -> list[dict]:
+    """The results file's target checks (recomputed for files from before they were recorded)."""
+    return result.get("targets") or target_results(result["figures"])
+
+
 def table(result: dict) -> str:
     t = result["target"]
     head = (f"tinkerd bench {result['date']} | {_machine(result)} | {t.get('kind')} {t.get('base_model')}"
             f" ({t.get('device', '?')}, {t.get('dtype', '?')}) | LoRA rank {result['sizes']['rank']}"
             f" | commit {result.get('tinkerd_commit')}")
-    rows = [("workload", "figure", "unit", "server median [min-max]", "raw median [min-max]", "ratio")]
-    for f in result["figures"]:
-        ratio = "-" if f["ratio"] is None else f"{f['ratio']:.2f}"
-        rows.append((f["workload"], f["key"], f["unit"], _cell(f["server"]), _cell(f["raw"]), ratio))
+    rows = [HEADER, *_rows(result)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [head, ""]
     for i, r in enumerate(rows):
@@ -146,31 +216,54 @@ def table(result: dict) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
     lines.append("ratio = server / raw (medians): tok/s below 1 and ms/s above 1 are slower than raw.")
+    lines.append("over raw+floor = server - raw - SDK floor (medians, ms): what the server adds above the best a "
+                 "client can see.")
+    lines.append("")
+    lines.append("targets:")
+    for target in targets_of(result):
+        lines.append(f"  {_mark(target):4}  {target['target']}: {_target_value(target)}")
+    lines.append("")
+    lines.extend(_warnings(result))
+    return "\n".join(lines).rstrip()
+
+
+def _warnings(result: dict) -> list[str]:
+    lines = []
     busy = result["machine"].get("loadavg", {}).get("busy_before_start")
     if busy is not None and busy > BUSY_WARNING:
         lines.append(f"warning: the CPU was {busy:.0%} busy before the run started (other processes): "
                      "the figures may be noisy")
     if not result["raw"]["ran"]:
         lines.append(f"raw baseline skipped: {result['raw']['skipped_because']}")
+    floor = result.get("floor")
+    if floor and not floor["ran"]:
+        lines.append(f"SDK floor skipped: {floor['skipped_because']}")
     for f in result["figures"]:
         if f.get("note"):
             lines.append(f"note {f['key']}: {f['note']}")
-    return "\n".join(lines)
+    return lines
 
 
 def markdown_table(result: dict) -> str:
-    """The same table in Markdown (for the README)."""
-    lines = ["| workload | figure | unit | tinkerd median [min–max] | raw median [min–max] | ratio |",
-             "|---|---|---|---|---|---|"]
-    for f in result["figures"]:
-        ratio = "–" if f["ratio"] is None else f"{f['ratio']:.2f}"
-        lines.append(f"| {f['workload']} | `{f['key']}` | {f['unit']} | {_cell(f['server']).replace('-', '–')} "
-                     f"| {_cell(f['raw']).replace('-', '–')} | {ratio} |")
+    """The same tables in Markdown (for the README)."""
+    header = ("workload", "figure", "unit", "tinkerd median [min–max]", "raw median [min–max]", "ratio",
+              "SDK floor median [min–max]", "over raw + floor (ms)", "× 1 tenant")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in _rows(result):
+        cells = [r[0], f"`{r[1]}`", *r[2:]]
+        for i in (3, 4, 6):  # the [min-max] cells: an en dash for ranges
+            cells[i] = cells[i].replace("-", "–")
+        lines.append("| " + " | ".join("–" if c == "-" else c for c in cells) + " |")
+    lines += ["", "| target | measured | result |", "|---|---|---|"]
+    for target in targets_of(result):
+        lines.append(f"| {target['target'].replace('<=', '≤').replace('>=', '≥')} | {_target_value(target)} "
+                     f"| **{_mark(target)}** |")
     return "\n".join(lines)
 
 
 def chart(result: dict, path: Path) -> None:
-    """One panel per figure: server and raw medians, min-max whiskers, the ratio in the title."""
+    """One panel per figure: server, raw and SDK floor medians, min-max whiskers; ratio, overhead and
+    tenant scaling in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,14 +279,20 @@ def chart(result: dict, path: Path) -> None:
         bars = [("tinkerd" if result["target"].get("kind") == "tinkerd" else "server", f["server"], "tab:blue")]
         if f["raw"] and f["raw"].get("median") is not None:
             bars.append(("raw", f["raw"], "tab:gray"))
+        if _median(f.get("floor")) is not None:
+            bars.append(("SDK floor", f["floor"], "tab:orange"))
         for i, (label, stats, color) in enumerate(bars):
             med = stats["median"]
             err = [[med - stats["min"]], [stats["max"] - med]]
             ax.bar(i, med, color=color, yerr=err, capsize=6)
             ax.text(i, med, _fmt(med), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(bars)), [b[0] for b in bars])
-        ratio = "" if f["ratio"] is None else f"  (ratio {f['ratio']:.2f})"
-        ax.set_title(f"{f['key']}{ratio}", fontsize=9)
+        extras = [f"ratio {f['ratio']:.2f}"] if f["ratio"] is not None else []
+        if f.get("overhead_ms") is not None:
+            extras.append(f"{f['overhead_ms']:+.1f} ms over raw+floor")
+        if f.get("scaling") is not None:
+            extras.append(f"x{f['scaling']:.2f} vs 1 tenant")
+        ax.set_title(f["key"] + (f"\n({', '.join(extras)})" if extras else ""), fontsize=8)
         ax.set_ylabel(f"{f['unit']} ({f['better']} is better)", fontsize=8)
         ax.tick_params(labelsize=8)
     t = result["target"]

@@ -45,6 +45,16 @@ class Sizes:
     latency_warmup: int = 3
     latency_reps: int = 20  # measured calls of the round trip, the short sample and each weight sync
     cold_reps: int = 3  # fresh starts (each takes seconds; the first start is the warm-up)
+    # 6. tenants: N client processes at once, each its own session and LoRA; per run each
+    # does tenant_steps steps of forward_backward + optim_step on tenant_batch x tenant_seq
+    tenant_batch: int = 4
+    tenant_seq: int = 32
+    tenant_steps: int = 4
+    tenant_counts: str = "1,4,8"  # the N measured, comma-separated; the scaling ratios are against N=1
+
+    @property
+    def tenant_list(self) -> list[int]:
+        return sorted({int(n) for n in self.tenant_counts.split(",") if n.strip()})
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,7 +106,12 @@ def summarize(samples: list[float]) -> dict:
 
 # workload id (the first word of its figures' keys, what --skip names) -> its title
 WORKLOADS = {"roundtrip": "1 round trip", "train": "2 training", "sample": "3 sampling",
-             "sync": "4 weight sync", "cold": "5 cold start"}
+             "sync": "4 weight sync", "cold": "5 cold start", "tenants": "6 tenants"}
+# the latency figures, also measured against the SDK floor (tests/bench/floor.py)
+LATENCY_KEYS = ("roundtrip_ms", "sample_first_result_ms", "sync_sampling_client_ms", "sync_named_ms",
+                "cold_first_result_s")
+FLOOR_WHAT = ("the same SDK calls against a stub server that answers at once with canned results "
+              "(tests/bench/floor.py): SDK, HTTP and loopback only")
 # a figure key's ending -> (unit, which way is better); the first match wins
 _UNITS = (("_per_s", "tok/s", "higher"), ("_ms", "ms", "lower"), ("_s", "s", "lower"))
 
@@ -154,12 +169,58 @@ FIGURES = [Figure(key, what, raw_what) for key, (what, raw_what) in _FIGURE_TEXT
 FIGURES_BY_KEY = {f.key: f for f in FIGURES}
 
 
+def tenants_key(n: int) -> str:
+    return f"tenants_{n}_tokens_per_s"
+
+
+def figures(sizes: Sizes) -> list[Figure]:
+    """Every figure of a run: the fixed ones, then one per tenant count."""
+    return FIGURES + [Figure(tenants_key(n),
+                             f"{n} client process(es) at once, each its own session and LoRA, tenant_steps x "
+                             "(forward_backward + optim_step on tenant_batch x tenant_seq); aggregate tokens/s "
+                             "from the common start signal to the last result",
+                             f"one forward + backward + AdamW step on the {n} tenants' batches as one batch "
+                             f"({n} x tenant_batch rows), one adapter: the co-batching bound (one optimizer "
+                             "step, not one per tenant)")
+                      for n in sizes.tenant_list]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal of issue 12, checked in every report."""
+
+    key: str  # the figure it is about
+    measure: str  # "overhead_ms" (above raw + SDK floor), "ratio" (to raw) or "scaling" (to 1 tenant)
+    op: str  # "<=" or ">="
+    threshold: float
+    text: str
+
+    def passes(self, value: float | None) -> bool | None:
+        if value is None:
+            return None
+        return value <= self.threshold if self.op == "<=" else value >= self.threshold
+
+
+TARGETS = (
+    Target("roundtrip_ms", "overhead_ms", "<=", 3.0, "round trip <= 3 ms above raw + SDK floor"),
+    Target("sample_first_result_ms", "overhead_ms", "<=", 3.0, "short sample <= 3 ms above raw + SDK floor"),
+    Target("sync_sampling_client_ms", "overhead_ms", "<=", 3.0,
+           "weight sync (save_weights_and_get_sampling_client) <= 3 ms above raw + SDK floor"),
+    Target("sync_named_ms", "overhead_ms", "<=", 3.0, "weight sync (named) <= 3 ms above raw + SDK floor"),
+    Target("sample_tokens_per_s", "ratio", ">=", 1.2, "sampling throughput >= 1.2x raw generate"),
+    Target("train_tokens_per_s", "ratio", ">=", 1.0, "training throughput >= 1.0x raw"),
+    Target("cold_launch_s", "ratio", "<=", 1.3, "cold launch <= 1.3x raw"),
+    Target(tenants_key(8), "scaling", ">=", 3.0, "8 tenants aggregate >= 3x one tenant"),
+)
+
+
 def add_size_args(parser) -> None:
     """One flag per `Sizes` field (`--train-batch 32`, ...), defaults from `Sizes`."""
     group = parser.add_argument_group("workload sizes")
     for field in dataclasses.fields(Sizes):
-        group.add_argument("--" + field.name.replace("_", "-"), type=int, default=field.default,
-                           dest=field.name, metavar="N", help=f"default {field.default}")
+        kind = type(field.default)
+        group.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
+                           dest=field.name, metavar="N" if kind is int else "LIST", help=f"default {field.default}")
 
 
 def sizes_from_args(args) -> Sizes:

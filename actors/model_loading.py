@@ -37,24 +37,3 @@ def start_up_threads(threads: int | None = None) -> Iterator[None]:
 
 def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
-
-
-def describe_model(name_or_path: str) -> dict:
-    """What the launcher needs to know about a model, read from its config (no weights)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(name_or_path)
-    return {
-        "name": name_or_path,
-        "path": name_or_path,
-        "arch": config.model_type,
-        "vocab_size": config.vocab_size,
-        "max_context": getattr(config, "max_position_embeddings", 4096),
-    }
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    print(json.dumps(describe_model(sys.argv[1])))

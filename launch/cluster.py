@@ -45,7 +45,8 @@ if __name__ == "__main__" and not __package__:
     # would shadow the `cluster` package; the repository root belongs there instead
     sys.path[0] = str(REPO_ROOT)
 
-from actors import builtin_model  # noqa: E402  (torch-free: torch only to build the model, in a subprocess)
+# both torch-free: torch (to build the built-in model, to ask AutoConfig) only in a subprocess
+from actors import builtin_model, model_info  # noqa: E402
 from cluster.config import ClusterConfig, ModelConfig  # noqa: E402
 from cluster.process import descendants  # noqa: E402
 from launch import args as launcher_args  # noqa: E402
@@ -102,7 +103,7 @@ def resolve_model(args: argparse.Namespace) -> ModelConfig:
               flush=True)
         return ModelConfig(path=info["path"], name=info["name"], tokenizer_dir=info["path"], arch=info["arch"],
                            vocab_size=info["vocab_size"], max_context=4096)
-    info = json.loads(_python_module("actors.model_loading", args.model))
+    info = model_info.local_summary(args.model) or json.loads(_python_module("actors.model_info", args.model))
     local = Path(args.model).expanduser()
     path = str(local.resolve()) if local.is_dir() else args.model
     return ModelConfig(path=path, name=args.model, tokenizer_dir=path, arch=info["arch"],

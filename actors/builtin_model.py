@@ -101,12 +101,21 @@ def build_tokenizer(directory: Path):
     return fast
 
 
+def built_model(directory: str | Path) -> dict | None:
+    """The summary of the built-in model if it is complete in `directory`, else None; torch-free, so the launcher
+    reads it in its own process (a subprocess only when the model has to be built)."""
+    marker = Path(directory) / "tinkerd_builtin.json"
+    if not marker.exists():
+        return None
+    return {**json.loads(marker.read_text()), "path": str(directory)}
+
+
 def build_builtin_model(directory: str | Path) -> dict:
     """Create the built-in model in `directory` unless it is already complete there."""
     directory = Path(directory)
+    if (built := built_model(directory)) is not None:
+        return built
     marker = directory / "tinkerd_builtin.json"
-    if marker.exists():
-        return {**json.loads(marker.read_text()), "path": str(directory)}
     import torch
     from transformers import AutoModelForCausalLM, Qwen3Config
 
@@ -177,16 +186,19 @@ def install_into_hf_cache(model_dir: str | Path, hf_home: str | Path, name: str 
     return snapshot
 
 
+def installed(info: dict, hf_home: str | Path) -> dict:
+    """`info` of a built model, once the model is installed into the HF cache under `hf_home` too."""
+    install_into_hf_cache(info["path"], hf_home, info["name"])
+    return {**info, "hf_home": str(Path(hf_home).expanduser().resolve())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory")
     parser.add_argument("--hf-home", help="also install the model into the Hugging Face cache under this HF_HOME")
     args = parser.parse_args()
     info = build_builtin_model(args.directory)
-    if args.hf_home:
-        install_into_hf_cache(info["path"], args.hf_home, info["name"])
-        info["hf_home"] = str(Path(args.hf_home).expanduser().resolve())
-    print(json.dumps(info))
+    print(json.dumps(installed(info, args.hf_home) if args.hf_home else info))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from api.json_requests import (
     finish_session_from_json, get_info_json, heartbeat_from_json, load_weights_from_json, optim_step_from_json,
     save_weights_external_from_json, save_weights_for_sampler_from_json, save_weights_from_json,
 )
-from api.rest import RestHandlers, is_download_path, unserved_routes
+from api.rest import RestHandlers, is_download_path, query_int, unserved_routes
 from api.sampling import sample_request_from_json, sample_response_json, sample_response_proto
 from cluster.config import ClusterConfig
 from cluster.messages import (
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 CONTROLLER_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 5.0
+MAX_HEALTH_WAIT_S = 20  # healthz?wait_s=, whole seconds: the controller's MAX_STATUS_WAIT_S
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"
 PREFIX = "/api/v1"
@@ -175,7 +176,10 @@ class Handlers:
         return json_response({"status": "accepted"})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        status = await self.call(request, ClusterStatusReq(), timeout=HEALTH_TIMEOUT_S)
+        """`?wait_s=S` (at most MAX_HEALTH_WAIT_S): a starting cluster is answered once it has started or failed
+        to, or after S seconds, so the launcher learns of it at once rather than at its next poll."""
+        wait_s = query_int(request, "wait_s", 0, 0, MAX_HEALTH_WAIT_S)
+        status = await self.call(request, ClusterStatusReq(wait_s=float(wait_s)), timeout=HEALTH_TIMEOUT_S + wait_s)
         if status.failed:  # not "still starting": it will not get better by waiting
             raise HttpError(500, f"cluster failed: {status.detail}")
         if not status.ready:

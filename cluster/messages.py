@@ -439,7 +439,9 @@ class RetrieveFutureResp(Message):
 
 @message
 class ClusterStatusReq(Message):
-    pass
+    # > 0: answer once the cluster has started (or failed to), or after this long: the launcher's wait for a
+    # cold start, which then learns of it at once instead of a poll interval later
+    wait_s: float = 0.0
 
 
 @message

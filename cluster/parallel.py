@@ -19,8 +19,10 @@ reporting rank, the last pipeline stage's TP rank 0, which is where the loss is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cluster.messages import RankCoords
+if TYPE_CHECKING:
+    from cluster.messages import RankCoords
 
 EXPORTING_RANK = 0  # the trainer rank that gathers whole adapters, writes checkpoints and pushes to engines
 
@@ -53,6 +55,10 @@ class ParallelDims:
         return self.dp * self.tp * self.pp
 
     def coords(self, rank: int) -> RankCoords:
+        # imported here: the launcher checks layouts before it starts anything, and cluster.messages (numpy, a
+        # hundred dataclasses) would add ~0.2 s to every cold start before the first process is spawned
+        from cluster.messages import RankCoords
+
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside a world of {self.world_size}")
         return RankCoords(tp=rank % self.tp, dp=(rank // self.tp) % self.dp, pp=rank // (self.tp * self.dp))
@@ -67,7 +73,7 @@ class ParallelDims:
 
     def reporting_rank(self, dp: int) -> int:
         """The rank whose replies speak for DP group `dp`: last pipeline stage, TP rank 0."""
-        return self.rank_of(RankCoords(dp=dp, tp=0, pp=self.pp - 1))
+        return self.tp * (dp + self.dp * (self.pp - 1))  # rank_of(tp=0, dp, pp=PP-1)
 
     def describe(self) -> str:
         return f"dp={self.dp} tp={self.tp} pp={self.pp}"

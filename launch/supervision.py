@@ -19,11 +19,6 @@ import logging
 import time
 from pathlib import Path
 
-import zmq
-
-from cluster.messages import AdminWorkerReportReq
-from cluster.transport import BlockingPeer, RemoteError
-
 log = logging.getLogger(__name__)
 
 TRAINER_RESTARTS = 3  # restarts of the trainer group allowed within TRAINER_RESTART_WINDOW_S
@@ -36,13 +31,22 @@ class ControllerLink:
     """The launcher's DEALER to the controller's API socket, presenting the admin token."""
 
     def __init__(self, address: str, token_file: str):
+        # zmq and the codec (numpy, every message class) are imported once the cluster is up, not with this
+        # module: they would cost the launcher ~0.2 s before it starts its first process
+        import zmq
+
         self.ctx = zmq.Context()
         self.address = address
         self.token = Path(token_file).read_text().strip()
-        self.peer: BlockingPeer | None = None
+        self.peer = None  # a BlockingPeer, made on the first report
 
     def report(self, role: str = "trainer", index: int = 0, report: str = "", detail: str = "") -> dict | None:
         """Send one report (or a poll); the controller's view of its workers, or None if it did not answer."""
+        import zmq
+
+        from cluster.messages import AdminWorkerReportReq
+        from cluster.transport import BlockingPeer, RemoteError
+
         if self.peer is None:
             self.peer = BlockingPeer(self.ctx, zmq.DEALER, self.address, bind=False)
         req = AdminWorkerReportReq(token=self.token, role=role, index=index, report=report, detail=detail)

@@ -47,6 +47,7 @@ from cluster.transport import AsyncPeer
 log = logging.getLogger(__name__)
 _SWEEP_INTERVAL_S = 10.0
 SHUTDOWN_DELAY_S = 0.3
+MAX_STATUS_WAIT_S = 20.0  # the longest a ClusterStatusReq may wait for the cluster to start (the API's limit too)
 # what a draining controller refuses: anything that starts new work (polls, heartbeats, listings go on)
 NEW_WORK = (CreateSessionReq, CreateModelReq, ForwardBackwardReq, OptimStepReq, SaveWeightsForSamplerReq,
             SaveWeightsReq, SaveWeightsExternalReq, LoadWeightsReq, CreateSamplingSessionReq, SampleReq)
@@ -317,7 +318,9 @@ class Controller:
         log.info("admin %s handed %s's rows to %s: %s", req.caller.user, req.from_user, req.to_user, moved)
         return ReassignUserResp(moved=moved)
 
-    def handle_ClusterStatusReq(self, req: ClusterStatusReq) -> ClusterStatusResp:
+    async def handle_ClusterStatusReq(self, req: ClusterStatusReq) -> ClusterStatusResp:
+        if req.wait_s > 0:
+            await self.workers.wait_settled(min(req.wait_s, MAX_STATUS_WAIT_S))
         return ClusterStatusResp(ready=self.workers.ready.is_set() and not self.workers.failure,
                                  model_name=self.config.model.name, workers=self.workers.describe(),
                                  detail=self.workers.failure or "", failed=bool(self.workers.failure),

@@ -113,6 +113,7 @@ class WorkerPool:
         self.trainer_info: dict[str, Any] = {}
         self.ready = asyncio.Event()  # every worker said hello once: the cluster started
         self.failure: str | None = None
+        self.settled = asyncio.Event()  # started, or failed to: what a waiting ClusterStatusReq waits for
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.engine_restarts = 0
         self.engine_deaths: dict[int, int] = {}  # index -> how many times it was declared dead (the launcher compares)
@@ -166,13 +167,13 @@ class WorkerPool:
             self.on_engine_ready(self.engines[msg.rank])
         if self.group.generation > 0 and len(self.engines) == self.expected_engines:
             self.ready.set()
+            self.settled.set()
 
     def _trainer_ready(self, peer: bytes, msg: WorkerReadyEvent) -> None:
         expected = self.dims.coords(msg.rank) if 0 <= msg.rank < self.dims.world_size else None
         if msg.coords != expected:
-            self.failure = (f"trainer {msg.rank} reports coordinates {msg.coords}, but the layout "
-                            f"{self.dims.describe()} puts it at {expected}")
-            log.error("%s", self.failure)
+            self._fail(f"trainer {msg.rank} reports coordinates {msg.coords}, but the layout "
+                       f"{self.dims.describe()} puts it at {expected}")
             return
         if self.group.state == "ready":  # a rank of a new group: the old group is gone, whatever we knew
             self.trainer_group_died(f"trainer rank {msg.rank} started again")
@@ -244,9 +245,21 @@ class WorkerPool:
         if msg.role == "trainer" and self.group.generation > 0:  # a crash, not a broken configuration
             self.trainer_group_died(f"trainer rank {msg.rank} failed: {msg.error}")
             return
-        self.failure = f"{msg.role} {msg.rank} failed: {msg.error}"
-        log.error("%s", self.failure)
+        self._fail(f"{msg.role} {msg.rank} failed: {msg.error}")
         self.peer.fail_pending(peer, WorkerFailure(self.failure))
+
+    def _fail(self, why: str) -> None:
+        """A broken configuration (not a crash): the cluster will never be ready."""
+        self.failure = why
+        log.error("%s", why)
+        self.settled.set()
+
+    async def wait_settled(self, timeout_s: float) -> None:
+        """Until the cluster has started or failed to, or `timeout_s` passed."""
+        try:
+            await asyncio.wait_for(self.settled.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
 
     def _engine_died(self, engine: EngineHandle, why: str) -> None:
         engine.alive, engine.death = False, f"engine {engine.index} died ({why})"

@@ -41,7 +41,7 @@ from actors.engine.kv_batch import KvBatch, left_padded
 from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
 from actors.lora import LoraSlots
-from actors.model_loading import load_causal_lm, load_tokenizer
+from actors.model_loading import load_causal_lm, load_tokenizer, start_up_threads
 from actors.peft import check_tensors, expected_lora_shapes, read_peft_adapter
 from cluster.config import ClusterConfig
 from cluster.messages import EngineSampleReq, LoraSpec, SampledSequence, SampleResult
@@ -91,15 +91,16 @@ class TorchEngineBackend(EngineBackend):
     def __init__(self, config: ClusterConfig):
         engine = config.engine
         self.model_path, self.dtype = config.model.path, engine.dtype
-        self.model = load_causal_lm(config.model.path, engine.dtype, engine.device)
-        self.device = next(self.model.parameters()).device
-        self.tokenizer = load_tokenizer(config.model.tokenizer_dir or config.model.path)
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.max_context = config.model.max_context or int(self.model.config.max_position_embeddings)
-        self.max_batch_sequences = engine.max_batch_sequences
-        if self.max_batch_sequences < 1:
+        if engine.max_batch_sequences < 1:
             raise ValueError("engine.max_batch_sequences must be at least 1")
-        self.slots = LoraSlots(self.model, engine.max_adapters + 1, engine.max_lora_rank)
+        with start_up_threads():
+            self.model = load_causal_lm(config.model.path, engine.dtype, engine.device)
+            self.device = next(self.model.parameters()).device
+            self.tokenizer = load_tokenizer(config.model.tokenizer_dir or config.model.path)
+            self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])  # before slots wrap lm_head
+            self.max_context = config.model.max_context or int(self.model.config.max_position_embeddings)
+            self.max_batch_sequences = engine.max_batch_sequences
+            self.slots = LoraSlots(self.model, engine.max_adapters + 1, engine.max_lora_rank)
         for p in self.slots.parameters():
             p.requires_grad_(False)  # the engine never trains
         self.adapters = AdapterTable(self.slots.num_slots)

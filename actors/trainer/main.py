@@ -1,6 +1,8 @@
-"""A trainer rank process: one per GPU (or CPU rank), launched by torchrun.
+"""A trainer rank process: one per GPU (or CPU rank), launched by torchrun; a lone rank (world size 1) is started
+directly, without torchrun, and is rank 0 of 1.
 
     torchrun --nproc-per-node N --master-port P -m actors.trainer.main --config cluster.json
+    python -m actors.trainer.main --config cluster.json
 
 `TrainerWorker.event_loop()` is a plain recv -> compute -> reply loop on a DEALER
 connected to the controller's worker ROUTER (torch never shares a thread with
@@ -262,7 +264,7 @@ def run_trainer_process(config: ClusterConfig) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="tinkerd trainer rank (run under torchrun)")
+    parser = argparse.ArgumentParser(description="tinkerd trainer rank (under torchrun, or alone)")
     parser.add_argument("--config", required=True, help="ClusterConfig JSON file")
     args = parser.parse_args()
     sys.exit(run_trainer_process(ClusterConfig.load(args.config)))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from actors.lora import LoraSlots
-from actors.model_loading import load_causal_lm
+from actors.model_loading import load_causal_lm, start_up_threads
 from actors.peft import lora_tensor_names, module_kind, trains_kind
 from actors.trainer.checkpoint_files import MOMENTS, SlotState
 from actors.trainer.cobatch import (
@@ -42,14 +42,14 @@ class TorchTrainerBackend(SlotTensorBackend):
         if self.dims.tp != 1 or self.dims.pp != 1:
             raise ValueError(f"the torch trainer backend runs data parallel only, not {self.dims.describe()}; "
                              "tensor and pipeline parallelism need --trainer-backend megatron")
-        if config.trainer.device == "cpu":
-            # ranks sharing a machine share its cores; oversubscription slows everyone
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world_size))
-        self.model = load_causal_lm(config.model.path, config.trainer.dtype, config.trainer.device)
-        self._device = next(self.model.parameters()).device
-        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        self.slots = LoraSlots(self.model, config.trainer.max_adapters + 1, config.trainer.max_lora_rank)
-        self.optimizer = SlotAdamW(self.slots.named_slot_params(), self.slots.num_slots)
+        # ranks sharing a machine share its cores; oversubscription slows everyone
+        threads = max(1, (os.cpu_count() or 1) // self.local_world_size) if config.trainer.device == "cpu" else None
+        with start_up_threads(threads):
+            self.model = load_causal_lm(config.model.path, config.trainer.dtype, config.trainer.device)
+            self._device = next(self.model.parameters()).device
+            self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])  # before slots wrap lm_head
+            self.slots = LoraSlots(self.model, config.trainer.max_adapters + 1, config.trainer.max_lora_rank)
+            self.optimizer = SlotAdamW(self.slots.named_slot_params(), self.slots.num_slots)
 
     @property
     def device(self) -> torch.device:

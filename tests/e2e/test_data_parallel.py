@@ -27,7 +27,8 @@ def test_two_ranks_give_the_same_losses_as_one(service_client, tmp_path, models_
 
 
 def _trainer_rank_pid(state_dir, rank: int) -> int:
-    """The pid of trainer rank `rank` of the cluster in `state_dir` (torchrun sets RANK)."""
+    """The pid of trainer rank `rank` of the cluster in `state_dir` (torchrun sets RANK; a lone rank, started
+    without torchrun, has none and is rank 0)."""
     from tests.e2e.conftest import _processes_mentioning
 
     for pid in _processes_mentioning(str(state_dir / "run" / "cluster.json")):
@@ -36,7 +37,7 @@ def _trainer_rank_pid(state_dir, rank: int) -> int:
             environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if b"actors.trainer.main" in cmdline and b"torch.distributed.run" not in cmdline \
-                and f"RANK={rank}".encode() in environ:
+        ranks = [int(var[len(b"RANK="):]) for var in environ if var.startswith(b"RANK=")] or [0]
+        if b"actors.trainer.main" in cmdline and b"torch.distributed.run" not in cmdline and ranks == [rank]:
             return pid
     raise LookupError(f"no trainer rank {rank} under {state_dir}")

@@ -109,6 +109,23 @@ def test_auth_config_and_health(tmp_path):
     asyncio.run(scenario())
 
 
+def test_healthz_waits_for_the_cluster_to_start_when_asked(tmp_path):
+    """`?wait_s=S`: a starting cluster is answered after S seconds at most, and at once when it starts or fails."""
+    async def scenario():
+        async with api_stack(make_config(tmp_path)) as (http, controller):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await expect_error(await http.get("/api/v1/healthz?wait_s=1"), 503)  # nobody came
+            assert 0.9 < loop.time() - started < 3
+            await expect_error(await http.get("/api/v1/healthz?wait_s=99"), 400, "wait_s")
+            loop.call_later(0.2, controller.workers._fail, "engine 0 failed: no model")
+            started = loop.time()
+            await expect_error(await http.get("/api/v1/healthz?wait_s=20"), 500, "engine 0 failed: no model")
+            assert loop.time() - started < 5
+
+    asyncio.run(scenario())
+
+
 def test_listed_keys_only_and_each_sees_only_its_users_sessions(tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("tml-alice-1 alice\ntml-alice-2 alice  # her laptop\ntml-bob bob\ntml-root root admin\n")

@@ -160,3 +160,24 @@ def test_each_trainer_host_gets_its_own_torchrun_with_its_node_rank(tmp_path):
     tail = ["--master-addr", "10.0.0.1", "--master-port", "29400", "-m", "actors.trainer.main"]
     assert " ".join(["--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "1", *tail]) in " ".join(cmd_b)
     assert " ".join(["--node-rank", "0", "--nproc-per-node", "2"]) in " ".join(cmd_a)
+
+
+@pytest.mark.parametrize("hostfile, torchrun", [("localhost slots=1 engines=1\n", False),
+                                                 ("localhost slots=2 engines=1\n", True),
+                                                 ("a slots=1 engines=1\nb slots=1\n", True)])
+def test_a_lone_rank_starts_without_torchrun(tmp_path, hostfile, torchrun):
+    """World size 1 needs no rendezvous: the launcher starts the rank itself (and so watches and kills the rank,
+    not a torchrun above it); several ranks, on one host or more, start under torchrun."""
+    from cluster.config import ClusterConfig
+    from launch.cluster import Cluster
+    from launch.multinode import HostLayout
+
+    layout = HostLayout.single_node(Placement.from_hosts(parse_hostfile(hostfile)), {})
+    cluster = Cluster(ClusterConfig(state_dir=str(tmp_path)), tmp_path / "c.json", layout)
+    started = []
+    cluster.spawn = lambda name, cmd, host="localhost": started.append(cmd)
+    cluster.start_trainers()
+    for cmd in started:
+        assert ("torch.distributed.run" in cmd) == torchrun
+        assert cmd[0] == sys.executable
+        assert cmd[-4:] == ["-m", "actors.trainer.main", "--config", str(tmp_path / "c.json")]

@@ -70,12 +70,7 @@ class KvBatch:
         for how wide to grow.
         """
         count, width = len(source), mask.shape[1]
-        if self.rows == 0:
-            self.start = self.end = 0
-        rows, cols = self.capacity
-        if self.rows + count > rows or self.end < width or self.end >= cols:
-            grown_rows = max(self.rows + count, min(self.max_rows, 2 * rows)) if self.rows + count > rows else rows
-            self._relayout(grown_rows, left=width, right=max(1, min(room, max(_MIN_GROWTH, width))))
+        self.reserve(self.rows + count, width, room)
         new, columns = slice(self.rows, self.rows + count), slice(self.end - width, self.end)
         index = torch.tensor(source, device=self.device)
         for buffer, prompts in zip(self.keys + self.values, keys + values, strict=True):
@@ -91,6 +86,17 @@ class KvBatch:
         self.row_slots += list(slots)
         self.rows += count
         self.start = min(self.first)
+
+    def reserve(self, rows: int, width: int, room: int) -> None:
+        """Make room for `rows` rows in all, rows joining with `width` columns of prompt, and the next step's
+        column; `room` (the longest generation they may still run) bounds how wide the columns grow. An
+        admission reserves for all its rows at once, so its joins copy the cache at most once."""
+        capacity, cols = self.capacity
+        if rows <= capacity and self.end >= width and self.end < cols:
+            return
+        if rows > capacity:
+            capacity = max(rows, min(self.max_rows, 2 * capacity))
+        self._relayout(capacity, left=width, right=max(1, min(room, max(_MIN_GROWTH, width))))
 
     def keep(self, live: list[int]) -> list[int]:
         """Keep only the rows `live` (ascending indices); return the new order: row i is former row order[i]."""

@@ -36,8 +36,6 @@ without it up to float32 rounding (tests/unit/test_engine_batching.py).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import itertools
 import logging
@@ -47,12 +45,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from actors.engine.adapter_table import AdapterTable
+from actors.engine.allocator import return_memory
 from actors.engine.decoder import Decoder
 from actors.engine.interface import (
     KV_CACHE, WEIGHTS, EngineBackend, EngineBusy, check_residency_tags, check_sample_request,
 )
 from actors.engine.kv_batch import KvBatch
-from actors.engine.prefill import PromptRow, cache_kwarg, prompt_forward
+from actors.engine.prefill import PromptBatch, PromptRow, cache_kwarg, prompt_forward
 from actors.engine.prefix_cache import CachedPrompt, Key, PrefixCache
 from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
@@ -226,7 +225,7 @@ class TorchEngineBackend(EngineBackend):
         if WEIGHTS in tags and WEIGHTS not in self._released:
             self._release_weights()
         self._released.update(tags)
-        _return_memory(self.device)
+        return_memory(self.device)
         log.info("released %s: %s", tags, self.memory_stats())
 
     def resume_memory(self, tags: list[str]) -> None:
@@ -289,7 +288,7 @@ class TorchEngineBackend(EngineBackend):
             param.data = fresh.pop(name).data.clone()
         del fresh
         gc.collect()
-        _return_memory(self.device)  # the loaded copy's heap pages, which glibc would otherwise keep
+        return_memory(self.device)  # the loaded copy's heap pages, which glibc would otherwise keep
 
     def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:
         """Validate spec, names, shapes and values before any slot is touched."""
@@ -402,37 +401,50 @@ class TorchEngineBackend(EngineBackend):
         """Prefill each chunk's prompt once (or take it from the prefix cache), take every sample's first
         token, and let the samples that go on join the batch, each prompt's cache replicated per sample."""
         plans = [self._plan(request, samples) for request, samples in chunks]
-        rows = _forward_rows(plans)
-        if rows:
-            keep = max(p.needed for p in plans if p.row is not None)
-            prompts = prompt_forward(self.model, self.slots, rows, keep, self._cache_arg)
-            self.prefill_tokens += sum(len(r.tokens) - r.past for r in rows)
-            self.prefill_forwards += 1
-            for plan in plans:
-                if plan.row is not None:
-                    plan.logits = prompts.logits[plan.row]
-                    self._remember(plan, prompts)
+        prompts = self._prompt_forward(plans)
         for plan in plans:
             if plan.request.wants_prompt_logits and plan.samples.start == 0:
                 record_prompt_scores(plan.request.spec, plan.request.prompt, plan.logits, plan.request.result)
         samples = [(plan, i) for plan in plans for i in plan.samples]
         new_rows = [_Row(plan.request, i, _generator_for(plan.request, i)) for plan, i in samples]
         tokens, going_on = self._extend(new_rows, torch.stack([plan.logits[-1] for plan, _ in samples]), finished)
-        if not going_on:
-            return
+        if going_on:
+            self._join_admitted([samples[j][0] for j in going_on], [new_rows[j] for j in going_on], tokens[going_on],
+                                prompts)
+
+    def _prompt_forward(self, plans: list[_Plan]) -> PromptBatch | None:
+        """One forward for every prompt the cache does not serve whole (None if it serves them all)."""
+        rows = _forward_rows(plans)
+        if not rows:
+            return None
+        keep = max(p.needed for p in plans if p.row is not None)
+        prompts = prompt_forward(self.model, self.slots, rows, keep, self._cache_arg)
+        self.prefill_tokens += sum(len(r.tokens) - r.past for r in rows)
+        self.prefill_forwards += 1
+        for plan in plans:
+            if plan.row is not None:
+                plan.logits = prompts.logits[plan.row]
+                self._remember(plan, prompts)
+        return prompts
+
+    def _join_admitted(self, plans: list[_Plan], rows: list[_Row], tokens: torch.Tensor,
+                       prompts: PromptBatch | None) -> None:
+        """Rows (with the plan of their chunk each) join the batch: from the prompt forward, or from their
+        cache entry; the batch grows once for all of them."""
         if self._batch is None:
             self._batch = self.decoder.new_batch(self._dtype, self.device, self.max_batch_sequences)
-        computed = [j for j in going_on if samples[j][0].row is not None]
+        widths = [prompts.real.shape[1] if p.row is not None else len(p.request.prompt) for p in plans]
+        self._batch.reserve(len(self._rows) + len(rows), max(widths),
+                            max(row.request.spec.params.max_tokens - 1 for row in rows))
+        computed = [i for i, plan in enumerate(plans) if plan.row is not None]
         if computed:
-            self._join(prompts.keys, prompts.values, prompts.real, [samples[j][0].row for j in computed],
-                       [new_rows[j] for j in computed], tokens[computed])
-        for plan in plans:  # cache hits: straight from the entry
-            served = [j for j in going_on if samples[j][0] is plan and plan.row is None]
-            if served:
-                entry, n = plan.entry, len(plan.request.prompt)
-                real = torch.ones(1, n, dtype=torch.bool, device=self.device)
-                self._join([k.unsqueeze(0) for k in entry.keys], [v.unsqueeze(0) for v in entry.values], real,
-                           [0] * len(served), [new_rows[j] for j in served], tokens[served])
+            self._join(prompts.keys, prompts.values, prompts.real, [plans[i].row for i in computed],
+                       [rows[i] for i in computed], tokens[computed])
+        for plan in {id(p): p for p in plans if p.row is None}.values():
+            served = [i for i, p in enumerate(plans) if p is plan]
+            real = torch.ones(1, len(plan.request.prompt), dtype=torch.bool, device=self.device)
+            self._join([k.unsqueeze(0) for k in plan.entry.keys], [v.unsqueeze(0) for v in plan.entry.values], real,
+                       [0] * len(served), [rows[i] for i in served], tokens[served])
 
     def _plan(self, request: _Request, samples: range) -> _Plan:
         """How one chunk's prompt gets its keys, values and logits: from the cache, a shorter prefill, or a
@@ -530,28 +542,6 @@ def _forward_rows(plans: list[_Plan]) -> list[PromptRow]:
         rows.append(PromptRow(tokens=plan.request.prompt, slot=plan.request.slot, past=plan.past,
                               past_keys=entry and entry.keys, past_values=entry and entry.values))
     return rows
-
-
-def _return_memory(device: torch.device) -> None:
-    """Hand memory the allocators keep for reuse back to the device / the OS."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # glibc only
-        return libc
-    except (OSError, AttributeError):
-        log.info("no glibc malloc_trim: released CPU memory stays with the allocator")
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def _generator_for(request: _Request, sample_index: int) -> torch.Generator | None:

@@ -85,6 +85,12 @@ class EngineConfig:
     max_adapters: int = 16  # adapter slots per engine
     max_lora_rank: int = 32
     max_batch_sequences: int = 64
+    # torch: memory for the keys/values of prompts seen before (actors/engine/prefix_cache.py); 0 turns it off
+    prefix_cache_bytes: int = 256 * 2**20
+    # batch formation: an idle engine that just got a request waits this long for another (each one that comes
+    # restarts the wait), at most batch_gather_max_ms in all (actors/engine/main.py)
+    batch_gather_quiet_ms: float = 0.5
+    batch_gather_max_ms: float = 5.0
     weights_addresses: list[str] = field(default_factory=list)  # one per engine
     dtype: str = "float32"
     device: str = "cpu"

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from cluster.backends import ENGINE_BACKENDS, TRAINER_BACKENDS, check_backend
-from cluster.config import ControllerConfig, TrainerConfig
+from cluster.config import ControllerConfig, EngineConfig, TrainerConfig
 from cluster.parallel import ParallelDims
 from cluster.users import load_api_keys
 from launch.multinode import add_multinode_args, plan_placement
@@ -50,6 +50,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "builds, if it exists)")
     p.add_argument("--max-loras-per-batch", type=int, default=8, metavar="N",
                    help="sglang: distinct adapters one batch may mix (default %(default)s)")
+    p.add_argument("--prefix-cache-mb", type=float, default=EngineConfig.prefix_cache_bytes / 2**20, metavar="MB",
+                   help="torch engine: memory per engine for the keys and values of prompts seen before, reused "
+                        "when the same prompt comes again for the same adapter; 0 = off (default %(default)g; "
+                        "SGLang keeps its own radix cache)")
     p.add_argument("--heartbeat-timeout", type=float, default=ControllerConfig.heartbeat_timeout_s,
                    metavar="SECONDS", help="an engine or trainer rank without a heartbeat for this long is dead: "
                                            "an engine's samples are re-queued on another engine or failed, a "
@@ -149,6 +153,10 @@ def _check_engine_backend(p: argparse.ArgumentParser, args: argparse.Namespace) 
         p.error("--max-loras-per-batch must be at least 1")
     if args.heartbeat_timeout <= 0:
         p.error("--heartbeat-timeout must be positive")
+    if args.prefix_cache_mb < 0:
+        p.error("--prefix-cache-mb must be >= 0")
+    if args.engine_backend != "torch" and args.prefix_cache_mb != EngineConfig.prefix_cache_bytes / 2**20:
+        p.error(f"--prefix-cache-mb is for --engine-backend torch; {args.engine_backend} manages its own cache")
     entry = ENGINE_BACKENDS[args.engine_backend]
     if not entry.own_python:
         if args.sglang_python is not None:

@@ -135,6 +135,7 @@ def build_config(args: argparse.Namespace, model: ModelConfig) -> ClusterConfig:
     config.engine.count, config.engine.backend = args.engines, args.engine_backend
     config.engine.sglang_python = str(args.sglang_python or "")
     config.engine.max_loras_per_batch = args.max_loras_per_batch
+    config.engine.prefix_cache_bytes = int(args.prefix_cache_mb * 2**20)
     config.engine.weights_addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(args.engines)]
     return config
 

@@ -15,6 +15,19 @@ steps, so adapter loads and new requests are taken at once; new requests join th
 running batch (continuous batching). A load that finds every slot pinned by running
 requests waits until one frees up.
 
+Batch formation. Everything already received is handed to the backend before the next
+step, so requests that arrive while a step runs are admitted together, in one prefill,
+at the next one. When work reaches an idle engine, the loop first gathers: it keeps
+taking messages while they come less than `batch_gather_quiet_ms` apart (default 0.5 ms),
+for at most `batch_gather_max_ms` (default 5 ms) in all. Measured (an engine process fed
+bursts of 16 requests back to back, 1 torch thread, a loaded 2-core VM): without the
+gather a burst was often split, the first 1-8 requests prefilled and decoded a step
+ahead of the rest (63.7 decode steps per 64-token burst on average); with it every burst
+was prefilled in one admission (63.0). A lone request pays the quiet wait once (0.5 ms);
+a busy engine never waits. The SDK's own pattern (one request, then the other 15 of a
+burst a few to a few hundred ms later) is outside any such window: the first request's
+rows decode while the rest are on their way, and the rest join together.
+
 Once ready, a thread heartbeats to the controller (cluster/heartbeat.py), so a dead
 engine is noticed within the heartbeat timeout whatever its main loop was doing.
 
@@ -29,6 +42,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -137,12 +151,28 @@ class EngineWorker:
             # idle: block until a message comes; busy: just look, then compute a step
             for sock, _ in poller.poll(0 if busy else None):
                 self._drain(sockets[sock])
+            if not busy and self.backend.has_work():
+                self._gather(poller, sockets)
             if not self.running:
                 break
             if self.backend.has_work() and self._step():
                 self._retry_deferred_loads()  # finished requests may have unpinned a slot
         self._fail_requests(503, "the engine is shutting down")
         self._fail_deferred_loads(503, "the engine is shutting down")
+
+    def _gather(self, poller: zmq.Poller, sockets: dict) -> None:
+        """Work just reached an idle engine: take whatever else arrives within `batch_gather_quiet_ms` of the
+        last message, for at most `batch_gather_max_ms` in all, so that a burst's first request is not
+        prefilled alone."""
+        quiet_ms, most_ms = self.config.engine.batch_gather_quiet_ms, self.config.engine.batch_gather_max_ms
+        deadline = time.monotonic() + most_ms / 1e3
+        while self.running:
+            left_ms = (deadline - time.monotonic()) * 1e3
+            events = poller.poll(min(quiet_ms, left_ms)) if left_ms > 0 else []
+            if not events:
+                return
+            for sock, _ in events:
+                self._drain(sockets[sock])
 
     def _drain(self, peer: BlockingPeer) -> None:
         """Handle every message already waiting on `peer`."""

@@ -4,25 +4,38 @@ It implements the engine backend interface (actors/engine/interface.py); its ada
 bookkeeping (which adapter is in which LoRA slot, LRU eviction) is
 actors/engine/adapter_table.py.
 
-Generation is continuous batching over one left-padded KV cache (actors/engine/kv_batch.py):
+Generation is continuous batching over one preallocated batch cache (actors/engine/kv_batch.py):
 every sequence in flight (requests × samples, any adapters, any prompt lengths) shares
 one forward per step, each row with its own LoRA slot (`LoraSlots.use(slots)`). A step
-first admits queued requests while there is room (`max_batch_sequences`): their prompts
-are prefilled together once per request, the cache rows are replicated per sample, and
-the new rows join the running batch; then every running row decodes one token.
-Finished rows leave the batch at once.
+first admits queued requests while there is room (`max_batch_sequences`), then every
+running row decodes one token (actors/engine/decoder.py: the model's own modules over
+the batch cache, without the transformers forward around them). Finished rows leave the
+batch at once; an engine with no work left drops the batch cache.
+
+Admission, per request: its prompt is prefilled once, whatever its num_samples, and the
+prompt's keys and values are copied into one batch row per sample (forks of one prefill;
+each sample then draws from its own seeded generator). The exact prefix cache
+(actors/engine/prefix_cache.py) is asked first, under (adapter id, adapter version, token ids):
+- a hit, for a request that reads no prompt logits, runs no forward at all: the entry's
+  keys and values join the batch and its cached last-position logits pick the first tokens;
+- a hit, for a request that scores its prompt (`prompt_logprobs`, `prompt_logprobs_last_n`,
+  target ids, ...), prefills only the last `prompt_logits_needed` positions, on top of the
+  entry's keys and values of the positions before them: exactly the logits it reads;
+- a miss prefills the whole prompt, and the result becomes an entry (unless the request's
+  adapter was reloaded meanwhile: then the prefill belongs to weights no longer loaded).
+All of an admission's prefills share one forward (actors/engine/prefill.py), one row per
+distinct prompt; requests for the same prompt in one admission share its row.
 
 Numerics: logprobs are the raw model's (temperature 1, unfiltered), log_softmax in
 float32 — the same function as the trainer's forward (actors/engine/sampling.py).
 What a request asks about its prompt is computed from the same prefill, in
 actors/engine/prompt_scores.py; the prefill keeps only the last position's logits
-unless some request of the batch reads more.
+unless some request of the batch reads more. With the prefix cache, results equal those
+without it up to float32 rounding (tests/unit/test_engine_batching.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import itertools
 import logging
@@ -31,13 +44,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
-
 from actors.engine.adapter_table import AdapterTable
+from actors.engine.allocator import return_memory
+from actors.engine.decoder import Decoder
 from actors.engine.interface import (
     KV_CACHE, WEIGHTS, EngineBackend, EngineBusy, check_residency_tags, check_sample_request,
 )
-from actors.engine.kv_batch import KvBatch, left_padded
+from actors.engine.kv_batch import KvBatch
+from actors.engine.prefill import PromptBatch, PromptRow, cache_kwarg, prompt_forward
+from actors.engine.prefix_cache import CachedPrompt, Key, PrefixCache
 from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
 from actors.lora import LoraSlots
@@ -61,6 +76,7 @@ class _Request:
     prompt: torch.Tensor  # long [n] on the model's device
     stop: StopCondition
     sequences: list[SampledSequence | None]
+    cache_key: Key
     result: SampleResult = field(default_factory=SampleResult)
     admitted: int = 0  # samples that have entered the batch
     finished: int = 0
@@ -72,6 +88,20 @@ class _Request:
     @property
     def wants_prompt_logits(self) -> bool:
         return scores_prompt(self.spec)
+
+
+@dataclass
+class _Plan:
+    """How one admitted chunk of a request gets its prompt's keys, values and logits."""
+
+    request: _Request
+    samples: range
+    needed: int  # trailing prompt positions whose logits it reads (1: only the last, for the first token)
+    entry: CachedPrompt | None = None
+    past: int = 0  # leading prompt tokens whose keys/values come from `entry`; a prefill computes the rest
+    logits: torch.Tensor | None = None  # [>= needed, V]: its last rows are the prompt's last positions
+    row: int | None = None  # its row in the prompt forward; None when the cache serves it whole
+    duplicate: bool = False  # it shares the row of the same prompt earlier in this admission
 
 
 @dataclass
@@ -107,10 +137,19 @@ class TorchEngineBackend(EngineBackend):
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
         self._active: dict[int, _Request] = {}  # ticket -> every accepted, undelivered request
         self._queue: deque[_Request] = deque()
+        self.decoder = Decoder(self.model, self.slots)  # refuses a model type it cannot decode
+        self._dtype = next(self.model.parameters()).dtype
+        self._cache_arg = cache_kwarg(self.model)
         self._rows: list[_Row] = []
         self._batch: KvBatch | None = None
         self._tickets = itertools.count(1)
         self._released: set[str] = set()  # residency tags given back (release_memory)
+        self.prefix_cache = PrefixCache(engine.prefix_cache_bytes)
+        self._versions: dict[str, int] = {}  # adapter id -> the version its prefix-cache entries carry
+        self._version_numbers = itertools.count(1)
+        self.prefill_tokens = 0  # prompt tokens run through a prefill forward
+        self.prefill_forwards = 0
+        self.decode_steps = 0
 
     def info(self) -> dict:
         return {"vocab_size": self.vocab_size, "num_slots": self.slots.num_slots,
@@ -127,6 +166,7 @@ class TorchEngineBackend(EngineBackend):
         """
         checked = self._checked_tensors(spec, tensors)
         slot = self.adapters.choose_slot(adapter_id)
+        self._forget_version(adapter_id)  # whatever happens next, the old weights' cache entries are stale
         try:
             self.slots.load_slot(slot, spec, checked)
         except Exception:
@@ -135,6 +175,9 @@ class TorchEngineBackend(EngineBackend):
             raise
         for freed in self.adapters.assign(adapter_id, slot):
             self.slots.clear_slot(freed)
+        self._versions[adapter_id] = next(self._version_numbers)
+        for evicted in set(self._versions) - set(self.adapters.loaded()):
+            self._forget_version(evicted)
         log.info("adapter %s loaded in slot %d (rank %d)", adapter_id, slot, spec.rank)
 
     def load_adapter_from_disk(self, adapter_id: str, path: str) -> None:
@@ -152,6 +195,12 @@ class TorchEngineBackend(EngineBackend):
         """
         for freed in self.adapters.remove(adapter_id):
             self.slots.clear_slot(freed)
+        self._forget_version(adapter_id)
+
+    def _forget_version(self, adapter_id: str) -> None:
+        """Requests queued for it keep the version they were submitted with; new entries need the current one."""
+        self._versions.pop(adapter_id, None)
+        self.prefix_cache.drop_adapter(adapter_id)
 
     def loaded_adapters(self) -> list[str]:
         return self.adapters.loaded()
@@ -172,10 +221,12 @@ class TorchEngineBackend(EngineBackend):
             raise EngineBusy(f"cannot release {tags} with {len(self._active)} requests in flight")
         if KV_CACHE in tags:
             self._rows, self._batch = [], None
+        # the prefix cache is KV memory too; and weights reloaded from disk are not proven identical to these
+        self.prefix_cache.clear()
         if WEIGHTS in tags and WEIGHTS not in self._released:
             self._release_weights()
         self._released.update(tags)
-        _return_memory(self.device)
+        return_memory(self.device)
         log.info("released %s: %s", tags, self.memory_stats())
 
     def resume_memory(self, tags: list[str]) -> None:
@@ -188,6 +239,11 @@ class TorchEngineBackend(EngineBackend):
 
     def memory_stats(self) -> dict[str, float]:
         stats = super().memory_stats()
+        stats["kv_cache_bytes"] = float(self._batch.nbytes()) if self._batch is not None else 0.0
+        stats.update(self.prefix_cache.stats())
+        stats["prefill_tokens"] = float(self.prefill_tokens)
+        stats["prefill_forwards"] = float(self.prefill_forwards)
+        stats["decode_steps"] = float(self.decode_steps)
         if self.device.type == "cuda":
             stats["cuda_allocated_bytes"] = float(torch.cuda.memory_allocated(self.device))
             stats["cuda_reserved_bytes"] = float(torch.cuda.memory_reserved(self.device))
@@ -233,7 +289,7 @@ class TorchEngineBackend(EngineBackend):
             param.data = fresh.pop(name).data.clone()
         del fresh
         gc.collect()
-        _return_memory(self.device)  # the loaded copy's heap pages, which glibc would otherwise keep
+        return_memory(self.device)  # the loaded copy's heap pages, which glibc would otherwise keep
 
     def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:
         """Validate spec, names, shapes and values before any slot is touched."""
@@ -270,6 +326,8 @@ class TorchEngineBackend(EngineBackend):
         # only now, so that after a failed step abort_all still finds (and unpins) them
         for ticket, _ in finished:
             self._release(self._active.pop(ticket))
+        if not self._active:
+            self._batch = None  # an idle engine holds no batch cache
         return finished
 
     def abort_all(self) -> list[int]:
@@ -289,18 +347,21 @@ class TorchEngineBackend(EngineBackend):
         self._queue = deque(r for r in self._queue if r is not request)
         keep = [i for i, row in enumerate(self._rows) if row.request is not request]
         if len(keep) < len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
+            self._keep_rows(keep)
         self._release(request)
+        if not self._active:
+            self._batch = None
         return True
 
     def _prepare(self, req: EngineSampleReq) -> _Request:
         self._validate(req)
         slot = self.adapters.slot_for(req.adapter_id)
-        prompt = torch.as_tensor(np.array(req.prompt_tokens, dtype=np.int64), device=self.device)
+        tokens = np.array(req.prompt_tokens, dtype=np.int64)
+        prompt = torch.as_tensor(tokens, device=self.device)
+        version = 0 if req.adapter_id is None else self._versions[req.adapter_id]
         return _Request(ticket=next(self._tickets), spec=req, slot=slot, prompt=prompt,
                         stop=StopCondition(req.params, self.eos_token_ids, self.tokenizer),
-                        sequences=[None] * req.num_samples)
+                        sequences=[None] * req.num_samples, cache_key=(req.adapter_id, version, tuple(tokens.tolist())))
 
     def _enqueue(self, request: _Request) -> None:
         self.adapters.pin(request.slot)
@@ -338,43 +399,102 @@ class TorchEngineBackend(EngineBackend):
             self._prefill(chunks, finished)
 
     def _prefill(self, chunks: list[tuple[_Request, range]], finished: list) -> None:
-        """Prefill each chunk's prompt once, take every sample's first token, join the batch."""
-        requests = [request for request, _ in chunks]
-        input_ids, attention_mask, position_ids = left_padded([r.prompt for r in requests])
-        slots = torch.tensor([r.slot for r in requests], device=self.device)
-        scoring = [i for i, (r, samples) in enumerate(chunks) if samples.start == 0 and r.wants_prompt_logits]
-        # left-padded, so the last m columns hold every row's last m positions
-        keep = max((prompt_logits_needed(requests[i].spec) for i in scoring), default=1)
-        cache = DynamicCache()
-        with self.slots.use(slots):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids, past_key_values=cache, use_cache=True,
-                                logits_to_keep=keep).logits
-        for i in scoring:
-            record_prompt_scores(requests[i].spec, requests[i].prompt, logits[i], requests[i].result)
-        counts = torch.tensor([len(samples) for _, samples in chunks], device=self.device)
-        per_sample = torch.repeat_interleave(torch.arange(len(chunks), device=self.device), counts)
-        rows = [_Row(request, i, _generator_for(request, i)) for request, samples in chunks for i in samples]
-        tokens, keep = self._extend(rows, logits[:, -1].index_select(0, per_sample), finished)
-        if not keep:
+        """Prefill each chunk's prompt once (or take it from the prefix cache), take every sample's first
+        token, and let the samples that go on join the batch, each prompt's cache replicated per sample."""
+        plans = [self._plan(request, samples) for request, samples in chunks]
+        prompts = self._prompt_forward(plans)
+        for plan in plans:
+            if plan.request.wants_prompt_logits and plan.samples.start == 0:
+                record_prompt_scores(plan.request.spec, plan.request.prompt, plan.logits, plan.request.result)
+        samples = [(plan, i) for plan in plans for i in plan.samples]
+        new_rows = [_Row(plan.request, i, _generator_for(plan.request, i)) for plan, i in samples]
+        tokens, going_on = self._extend(new_rows, torch.stack([plan.logits[-1] for plan, _ in samples]), finished)
+        if going_on:
+            self._join_admitted([samples[j][0] for j in going_on], [new_rows[j] for j in going_on], tokens[going_on],
+                                prompts)
+
+    def _prompt_forward(self, plans: list[_Plan]) -> PromptBatch | None:
+        """One forward for every prompt the cache does not serve whole (None if it serves them all)."""
+        rows = _forward_rows(plans)
+        if not rows:
+            return None
+        keep = max(p.needed for p in plans if p.row is not None)
+        prompts = prompt_forward(self.model, self.slots, rows, keep, self._cache_arg)
+        self.prefill_tokens += sum(len(r.tokens) - r.past for r in rows)
+        self.prefill_forwards += 1
+        for plan in plans:
+            if plan.row is not None:
+                plan.logits = prompts.logits[plan.row]
+                self._remember(plan, prompts)
+        return prompts
+
+    def _join_admitted(self, plans: list[_Plan], rows: list[_Row], tokens: torch.Tensor,
+                       prompts: PromptBatch | None) -> None:
+        """Rows (with the plan of their chunk each) join the batch: from the prompt forward, or from their
+        cache entry; the batch grows once for all of them."""
+        if self._batch is None:
+            self._batch = self.decoder.new_batch(self._dtype, self.device, self.max_batch_sequences)
+        widths = [prompts.real.shape[1] if p.row is not None else len(p.request.prompt) for p in plans]
+        self._batch.reserve(len(self._rows) + len(rows), max(widths),
+                            max(row.request.spec.params.max_tokens - 1 for row in rows))
+        computed = [i for i, plan in enumerate(plans) if plan.row is not None]
+        if computed:
+            self._join(prompts.keys, prompts.values, prompts.real, [plans[i].row for i in computed],
+                       [rows[i] for i in computed], tokens[computed])
+        for plan in {id(p): p for p in plans if p.row is None}.values():
+            served = [i for i, p in enumerate(plans) if p is plan]
+            real = torch.ones(1, len(plan.request.prompt), dtype=torch.bool, device=self.device)
+            self._join([k.unsqueeze(0) for k in plan.entry.keys], [v.unsqueeze(0) for v in plan.entry.values], real,
+                       [0] * len(served), [rows[i] for i in served], tokens[served])
+
+    def _plan(self, request: _Request, samples: range) -> _Plan:
+        """How one chunk's prompt gets its keys, values and logits: from the cache, a shorter prefill, or a
+        whole one."""
+        scores = samples.start == 0 and request.wants_prompt_logits
+        needed = prompt_logits_needed(request.spec) if scores else 1
+        entry = self.prefix_cache.lookup(request.cache_key) if self.prefix_cache.enabled else None
+        if entry is not None and needed == 1:
+            self.prefix_cache.count(hit=True, reused_tokens=len(request.prompt))
+            return _Plan(request, samples, needed, entry=entry, logits=entry.last_logits.unsqueeze(0))
+        # a prompt scored from its cached keys and values still needs its last `needed` positions' logits
+        past = len(request.prompt) - needed if entry is not None else 0
+        if self.prefix_cache.enabled:
+            self.prefix_cache.count(hit=past > 0, reused_tokens=past)
+        return _Plan(request, samples, needed, entry=entry, past=past)
+
+    def _remember(self, plan: _Plan, prompts) -> None:
+        """Put a freshly prefilled prompt into the prefix cache, unless its adapter has been reloaded since."""
+        request = plan.request
+        if plan.past or not self.prefix_cache.enabled or plan.duplicate:
             return
-        prompts = KvBatch(cache=cache, attention_mask=attention_mask,
-                          positions=torch.tensor([len(r.prompt) for r in requests], device=self.device),
-                          pending=torch.zeros(len(requests), dtype=torch.long, device=self.device), slots=slots)
-        keep_index = torch.tensor(keep, device=self.device)
-        joining = prompts.select(per_sample.index_select(0, keep_index))
-        joining.pending = tokens.index_select(0, keep_index)
-        self._rows += [rows[i] for i in keep]
-        self._batch = joining if self._batch is None else KvBatch.concat(self._batch, joining)
+        adapter_id, version, _ = request.cache_key
+        if adapter_id is not None and self._versions.get(adapter_id) != version:
+            return
+        n = len(request.prompt)
+        self.prefix_cache.insert(request.cache_key, [k[plan.row, :, -n:] for k in prompts.keys],
+                                 [v[plan.row, :, -n:] for v in prompts.values], plan.logits[-1])
+
+    def _join(self, keys: list[torch.Tensor], values: list[torch.Tensor], real: torch.Tensor, source: list[int],
+              rows: list[_Row], tokens: torch.Tensor) -> None:
+        room = max(row.request.spec.params.max_tokens - len(row.tokens) for row in rows)
+        self._batch.join(keys, values, real, source, positions=[len(row.request.prompt) for row in rows],
+                         pending=tokens, slots=[row.request.slot for row in rows], room=room)
+        self._rows += rows
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if not keep:
+            self._rows, self._batch = [], None
+            return
+        order = self._batch.keep(keep)
+        self._rows = [self._rows[i] for i in order]
 
     def _decode(self, finished: list) -> None:
-        with self.slots.use(self._batch.slots):
-            logits = self.model(**self._batch.advance()).logits[:, -1]
+        logits = self.decoder.step(self._batch)
+        self.decode_steps += 1
         tokens, keep = self._extend(self._rows, logits, finished)
-        self._batch.pending = tokens
+        self._batch.pending[:len(tokens)] = tokens
         if len(keep) < len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            self._batch = self._batch.select(torch.tensor(keep, device=self.device)) if keep else None
+            self._keep_rows(keep)
 
     def _extend(self, rows: list[_Row], logits: torch.Tensor, finished: list) -> tuple[torch.Tensor, list[int]]:
         """Choose each row's next token; return the tokens and the indices of rows still running."""
@@ -407,26 +527,22 @@ class TorchEngineBackend(EngineBackend):
             finished.append((request.ticket, request.result))
 
 
-def _return_memory(device: torch.device) -> None:
-    """Hand memory the allocators keep for reuse back to the device / the OS."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim  # glibc only
-        return libc
-    except (OSError, AttributeError):
-        log.info("no glibc malloc_trim: released CPU memory stays with the allocator")
-        return None
-
-
-_LIBC = _load_libc()
+def _forward_rows(plans: list[_Plan]) -> list[PromptRow]:
+    """The rows of the prompt forward: one per distinct (prompt, cached part) the cache does not serve whole."""
+    rows: list[PromptRow] = []
+    seen: dict[tuple[Key, int], int] = {}
+    for plan in plans:
+        if plan.logits is not None:
+            continue
+        key = (plan.request.cache_key, plan.past)
+        if key in seen:
+            plan.row, plan.duplicate = seen[key], True
+            continue
+        plan.row = seen[key] = len(rows)
+        entry = plan.entry
+        rows.append(PromptRow(tokens=plan.request.prompt, slot=plan.request.slot, past=plan.past,
+                              past_keys=entry and entry.keys, past_values=entry and entry.values))
+    return rows
 
 
 def _generator_for(request: _Request, sample_index: int) -> torch.Generator | None:

@@ -76,14 +76,15 @@ def zmq_ctx():
     ctx.destroy(linger=0)
 
 
-def _launch(model_dir, tmp_path, zmq_ctx, index: int = 0) -> tuple[subprocess.Popen, BlockingPeer, str]:
-    """Start engine `index` of a one-engine cluster (2 adapter slots); the test binds the controller ROUTER."""
+def _launch(model_dir, tmp_path, zmq_ctx, index: int = 0, **engine) -> tuple[subprocess.Popen, BlockingPeer, str]:
+    """Start engine `index` of a one-engine cluster (2 adapter slots, `engine` config fields on top); the test
+    binds the controller ROUTER."""
     worker_address = f"tcp://127.0.0.1:{free_port()}"
     weights_address = f"tcp://127.0.0.1:{free_port()}"
     config = ClusterConfig(state_dir=str(tmp_path), model=ModelConfig(path=str(model_dir), name="tiny"),
                            controller=ControllerConfig(worker_address=worker_address),
                            engine=EngineConfig(count=1, max_adapters=2, max_lora_rank=8,
-                                               weights_addresses=[weights_address]))
+                                               weights_addresses=[weights_address], **engine))
     config.save(tmp_path / "cluster.json")
     controller = BlockingPeer(zmq_ctx, zmq.ROUTER, worker_address, bind=True)
     proc = subprocess.Popen([sys.executable, "-m", "actors.engine.main", "--config", str(tmp_path / "cluster.json"),
@@ -162,8 +163,11 @@ def test_loads_are_served_between_decode_steps_or_wait_for_a_free_slot(engine, b
         trainer.call(EngineLoadAdapterReq(adapter_id=adapter_id, lora=UNEMBED_ONLY,
                                           tensors=_unembed_adapter(builtin_model_dir, seed)))
 
-    # a long sample pins "a"; a load that can evict the idle "b" is answered while it runs
+    # a long sample pins "a"; a load that can evict the idle "b" is answered while it runs (the load comes on
+    # the other socket, which the engine may read first: the probe's reply says the sample is in)
     long_id = _send(controller, _sample("a", max_tokens=700), ENGINE)
+    probe = _send(controller, EngineCancelSampleReq(request_id="none such"), ENGINE)
+    assert _replies(controller, 1)[0] == EngineCancelSampleResp(call_id=probe, cancelled=False)
     c = EngineLoadAdapterReq(adapter_id="c", lora=UNEMBED_ONLY, tensors=_unembed_adapter(builtin_model_dir, 3))
     assert isinstance(trainer.call(c), EngineLoadAdapterResp)
     _send(controller, _sample("b", max_tokens=2), ENGINE)  # "b" was evicted to make room for "c"
@@ -187,6 +191,34 @@ def test_loads_are_served_between_decode_steps_or_wait_for_a_free_slot(engine, b
 
     controller.send(ShutdownEvent(), ENGINE)
     assert proc.wait(timeout=30) == 0
+
+
+def _heartbeat(peer: BlockingPeer) -> WorkerHeartbeatEvent:
+    while True:
+        got = peer.recv(TIMEOUT_MS)
+        assert got is not None, "no heartbeat from the engine in time"
+        if isinstance(got[1], WorkerHeartbeatEvent):
+            return got[1]
+
+
+def test_a_burst_reaching_an_idle_engine_is_prefilled_in_one_forward(builtin_model_dir, tmp_path, zmq_ctx):
+    # a gather window much longer than sending the burst takes, so that not even a loaded machine splits it
+    proc, controller, _ = _launch(builtin_model_dir, tmp_path, zmq_ctx, batch_gather_quiet_ms=200.0,
+                                  batch_gather_max_ms=2000.0)
+    try:
+        assert isinstance(_recv(controller)[1], WorkerReadyEvent)
+        sent = {_send(controller, _sample(None, prompt=(5 + i, 6, 7)), ENGINE) for i in range(4)}
+        assert {reply.call_id for reply in _replies(controller, 4)} == sent
+        while _heartbeat(controller).memory.get("prefill_tokens") != 12:
+            pass
+        stats = _heartbeat(controller).memory  # a whole beat later: both counters read after the burst
+        assert stats["prefill_forwards"] == 1 and stats["decode_steps"] == 7  # 8 tokens: 1 from the prefill
+        controller.send(ShutdownEvent(), ENGINE)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_fatal_start_error_is_reported_before_exiting(builtin_model_dir, tmp_path, zmq_ctx):

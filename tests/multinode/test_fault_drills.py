@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from tinker import types
 
+from cluster.faults import ENV as FAULTS_ENV
 from tests.e2e.conftest import (  # noqa: F401  (models_dir: the fixture)
     BUILTIN_MODEL, assert_training_refused, launch_cluster, models_dir, probe, probe_json, wait_until,
 )
@@ -41,10 +42,15 @@ def hosts():
 
 
 @pytest.fixture(scope="module")
-def running(hosts, tmp_path_factory, models_dir):  # noqa: F811
+def faults(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults")  # one filesystem: the namespaces share it
+
+
+@pytest.fixture(scope="module")
+def running(hosts, faults, tmp_path_factory, models_dir):  # noqa: F811
     directory = tmp_path_factory.mktemp("drills")
     with launch_cluster(directory / "state", models_dir, *hostfile_flags(hosts, directory),
-                        "--heartbeat-timeout", "3") as cluster:
+                        "--heartbeat-timeout", "3", env={FAULTS_ENV: str(faults)}) as cluster:
         yield cluster
     assert processes_on_nodes(hosts)["node1"] == []  # node2 is gone; nothing of ours may be left on node1
 
@@ -82,6 +88,17 @@ def _pid_on(hosts: VirtualHosts, node: str, module: str) -> int:
     raise LookupError(f"no {module} on {node}")
 
 
+def _stopped_in_a_pass(hosts: VirtualHosts, faults: Path, submit):
+    """Submit a forward_backward and return it once node2's rank has stopped itself inside it
+    (a sigstop fault): without that, a fast machine may finish the pass before the fault."""
+    pid = _pid_on(hosts, "node2", "actors.trainer.main")
+    (faults / "trainer1.TrainerForwardBackwardReq").write_text("sigstop")
+    pending = submit()
+    wait_until(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 30,
+               "node2's rank to stop in the pass")
+    return pid, pending
+
+
 def _row(fault: str, hit: float, detected: float, back: float | None, done: float, saw: str) -> None:
     row = {"fault": fault, "detect_s": round(detected - hit, 2),
            "back_s": None if back is None else round(back - hit, 2), "call_done_s": round(done - hit, 2),
@@ -89,16 +106,14 @@ def _row(fault: str, hit: float, detected: float, back: float | None, done: floa
     print("FAULT-DRILL", json.dumps(row))
 
 
-def test_a_rank_killed_on_the_other_host_is_invisible_to_the_client(running, client, reference, hosts):
+def test_a_rank_killed_on_the_other_host_is_invisible_to_the_client(running, client, reference, hosts, faults):
     _, data, expected = reference
     tc = client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=8, seed=11).result()
     losses = []
     for step in range(STEPS):
-        pending = tc.forward_backward(data, "cross_entropy")
         if step == 2:
             deaths = probe_json(running, "status")["info"]["trainer_group"]["deaths"]
-            pid = _pid_on(hosts, "node2", "actors.trainer.main")
-            time.sleep(0.3)
+            pid, pending = _stopped_in_a_pass(hosts, faults, lambda: tc.forward_backward(data, "cross_entropy"))
             os.kill(pid, signal.SIGKILL)
             hit = time.monotonic()
             detected = wait_until(lambda: probe_json(running, "status")["info"]["trainer_group"]["deaths"] > deaths, 30, "detection")
@@ -107,7 +122,7 @@ def test_a_rank_killed_on_the_other_host_is_invisible_to_the_client(running, cli
             _row("SIGKILL trainer rank 1 (node2) mid forward_backward, 2 hosts", hit, detected, back,
                  time.monotonic(), "the normal result")
         else:
-            out = pending.result()
+            out = tc.forward_backward(data, "cross_entropy").result()
         losses.append(out.metrics["loss:sum"])
         tc.optim_step(ADAM).result()
     assert losses == expected
@@ -137,15 +152,14 @@ def test_an_engine_killed_mid_sample_hands_its_sample_to_the_other_host(running,
          "the normal result (re-queued on engine 0)")
 
 
-def test_a_lost_host_leaves_sampling_up_and_training_refused(running, client, reference, hosts):
+def test_a_lost_host_leaves_sampling_up_and_training_refused(running, client, reference, hosts, faults):
     tc, data, _ = reference
     saved = tc.save_state("before-the-loss").result().path
     sampler = tc.save_weights_and_get_sampling_client().result()
     prompt = types.ModelInput.from_ints([5, 6, 7, 8])
     params = types.SamplingParams(max_tokens=8, temperature=0.0)
     expected = sampler.sample(prompt=prompt, num_samples=1, sampling_params=params).result()
-    pending = tc.forward_backward(data, "cross_entropy")
-    time.sleep(0.3)
+    _, pending = _stopped_in_a_pass(hosts, faults, lambda: tc.forward_backward(data, "cross_entropy"))
     hosts.kill_node("node2")
     hit = time.monotonic()
     detected = wait_until(lambda: probe_json(running, "status")["info"]["trainer_group"]["state"] != "ready", 30, "detection")

@@ -7,7 +7,8 @@ the suffixes left-padded to the longest suffix (`S` columns). An explicit 4-D ma
 attends what: the query in suffix column q of a row attends every real column of its row
 (past or suffix) at or before its own; a pad query also attends itself, so that no query
 row is fully masked (SDPA would make it NaN, and the pad's keys and values would carry the
-NaN into the cache); no real query attends a pad. Position ids are each token's true
+NaN into the cache); no real query attends a pad. A batch of equally long prompts with no
+past needs no mask: it is plain causal attention. Position ids are each token's true
 position, so a suffix continues its past exactly as if the whole prompt ran at once.
 
 The transformers forward runs it (with its DynamicCache, which a prefill fills once);
@@ -63,9 +64,12 @@ def prompt_forward(model: nn.Module, slots: LoraSlots, rows: list[PromptRow], ke
         position_ids[i, suffix_width - n:] = torch.arange(row.past, len(row.tokens), device=device)
         real[i, past_width - row.past:past_width] = True
         real[i, width - n:] = True
-    causal = torch.ones(suffix_width, width, dtype=torch.bool, device=device).tril(diagonal=past_width)
-    itself = torch.eye(suffix_width, width, dtype=torch.bool, device=device).roll(past_width, dims=1)
-    mask = (real[:, None, None, :] & causal) | itself
+    if past_width == 0 and all(len(r.tokens) == suffix_width for r in rows):
+        mask = None  # no padding, no past: plain causal attention, which SDPA runs without a mask (faster)
+    else:
+        causal = torch.ones(suffix_width, width, dtype=torch.bool, device=device).tril(diagonal=past_width)
+        itself = torch.eye(suffix_width, width, dtype=torch.bool, device=device).roll(past_width, dims=1)
+        mask = (real[:, None, None, :] & causal) | itself
     cache = DynamicCache(ddp_cache_data=_pasts(rows, past_width)) if past_width else DynamicCache()
     with slots.use(torch.tensor([r.slot for r in rows], device=device)):
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,

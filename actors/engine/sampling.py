@@ -63,14 +63,16 @@ def raw_logprobs(logits: torch.Tensor) -> torch.Tensor:
 def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
                   generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row of `logits` [B, V]; rows with temperature 0 take the argmax."""
-    tokens = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled_rows:
-        return tokens
+        return logits.argmax(dim=-1)
+    every_row = len(sampled_rows) == len(params)  # the common case: no argmax, no row selection
     index = torch.tensor(sampled_rows, device=logits.device)
     rows = [params[i] for i in sampled_rows]
-    temperature = torch.tensor([p.temperature for p in rows], device=logits.device, dtype=torch.float32)
-    scaled = logits.index_select(0, index).float() / temperature.unsqueeze(1)
+    scaled = (logits if every_row else logits.index_select(0, index)).float()
+    if any(p.temperature != 1.0 for p in rows):  # x / 1.0 == x exactly: skipping it changes nothing
+        temperature = torch.tensor([p.temperature for p in rows], device=logits.device, dtype=torch.float32)
+        scaled = scaled / temperature.unsqueeze(1)
     uniform = torch.stack([torch.rand((), generator=generators[i]) for i in sampled_rows]).to(logits.device)
     if any(_filters(p) for p in rows):
         order = scaled.argsort(dim=-1, descending=True, stable=True)
@@ -78,6 +80,9 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
         chosen = order.gather(1, _inverse_cdf(sorted_logits.softmax(dim=-1), uniform.unsqueeze(1))).squeeze(1)
     else:
         chosen = _inverse_cdf(scaled.softmax(dim=-1), uniform.unsqueeze(1)).squeeze(1)
+    if every_row:
+        return chosen
+    tokens = logits.argmax(dim=-1)
     tokens[index] = chosen
     return tokens
 

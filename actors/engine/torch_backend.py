@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from actors.engine.adapter_table import AdapterTable
 from actors.engine.allocator import return_memory
 from actors.engine.decoder import Decoder
@@ -239,7 +240,8 @@ class TorchEngineBackend(EngineBackend):
 
     def memory_stats(self) -> dict[str, float]:
         stats = super().memory_stats()
-        stats["kv_cache_bytes"] = float(self._batch.nbytes()) if self._batch is not None else 0.0
+        batch = self._batch  # the heartbeat thread asks while the main loop may drop the batch
+        stats["kv_cache_bytes"] = float(batch.nbytes()) if batch is not None else 0.0
         stats.update(self.prefix_cache.stats())
         stats["prefill_tokens"] = float(self.prefill_tokens)
         stats["prefill_forwards"] = float(self.prefill_forwards)

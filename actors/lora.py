@@ -169,7 +169,8 @@ class SlotOwner:
     @torch.no_grad()
     def _configure(self, slot: int, spec: LoraSpec) -> None:
         """`slot` as a fresh `spec` adapter with zero weights. Each layer's settings are written once
-        (clearing first wrote them twice): an engine's weight sync is mostly these per-layer ops."""
+        (clearing first wrote them twice): these per-layer ops were about half of an engine's adapter load
+        (profiled, built-in model)."""
         if not 0 < slot < self.num_slots:
             raise ValueError(f"slot {slot} out of range 1..{self.num_slots - 1}")
         self.validate(spec)

@@ -26,6 +26,39 @@ from cluster.messages import Caller, RetrieveFutureResp
 RESTART_ERROR = "the server restarted before this request finished; submit it again"
 
 
+class Waiters:
+    """Polls held until something happens (a future settles, a completion is logged). Each is a bare loop
+    future with a timer: asyncio.wait_for(Event.wait()) ran every poll in a task of its own, two more loop
+    turns between the event and the reply."""
+
+    def __init__(self):
+        self._held: list[asyncio.Future] = []
+
+    def wake(self) -> None:
+        for waiter in self._held:
+            if not waiter.done():
+                waiter.set_result(True)
+        self._held.clear()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """True once woken, False after timeout_s."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._held.append(waiter)
+        timer = loop.call_later(max(0.0, timeout_s), _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            if waiter in self._held:
+                self._held.remove(waiter)
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
 @dataclass
 class _Future:
     kind: str
@@ -35,7 +68,7 @@ class _Future:
     result: Any = None
     error: str = ""
     category: str = "server"
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: Waiters = field(default_factory=Waiters)  # the polls held until it settles
 
 
 class UnknownFuture(KeyError):
@@ -63,7 +96,7 @@ class FutureStore:
         if fut is None or fut.settled_at is not None:
             return
         fut.result, fut.settled_at = result, time.monotonic()
-        fut.event.set()
+        fut.settled.wake()
         self.store.settle_future(request_id, "done", result=encode_blob(result))
 
     def fail(self, request_id: str, error: str, category: str = "server") -> None:
@@ -71,7 +104,7 @@ class FutureStore:
         if fut is None or fut.settled_at is not None:
             return
         fut.error, fut.category, fut.settled_at = error, category, time.monotonic()
-        fut.event.set()
+        fut.settled.wake()
         self.store.settle_future(request_id, "error", error=error, category=category)
 
     def is_pending(self, request_id: str) -> bool:
@@ -100,7 +133,6 @@ class FutureStore:
             fut.result = decode_blob(row["result"])
         else:
             fut.error, fut.category = row["error"] or "failed", row["category"] or "unknown"
-        fut.event.set()
         self._futures[request_id] = fut
         return fut
 
@@ -110,11 +142,8 @@ class FutureStore:
         fut = self._futures.get(request_id) or self._from_database(request_id)
         if fut is None or not caller.owns(fut.user):
             raise UnknownFuture(request_id)
-        if fut.settled_at is None:
-            try:
-                await asyncio.wait_for(fut.event.wait(), timeout=max(0.0, wait_s))
-            except asyncio.TimeoutError:
-                return RetrieveFutureResp(status="pending")
+        if fut.settled_at is None and not await fut.settled.wait(wait_s):
+            return RetrieveFutureResp(status="pending")
         if fut.error:
             return RetrieveFutureResp(status="error", error=fut.error, category=fut.category)
         return RetrieveFutureResp(status="done", result=fut.result)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from actors.controller.errors import ApiError, failure_of
-from actors.controller.futures import FutureStore
+from actors.controller.futures import FutureStore, Waiters
 from actors.controller.residency import Residency
 from actors.controller.stability import StabilityRecords
 from actors.controller.store import StateStore
@@ -70,12 +70,11 @@ class _CompletionLog:
     """One (sampling session, clone)'s completions not yet acknowledged by its poller."""
 
     entries: deque = field(default_factory=deque)  # (cursor, settled monotonic, FutureCompletion)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: Waiters = field(default_factory=Waiters)  # the polls held until a completion comes
 
     def add(self, cursor: int, completion: FutureCompletion) -> None:
         self.entries.append((cursor, time.monotonic(), completion))
-        self.changed.set()
-        self.changed = asyncio.Event()  # waiters hold the old one, which stays set
+        self.arrived.wake()
 
     def ack(self, cursor: int) -> None:
         while self.entries and self.entries[0][0] <= cursor:
@@ -324,10 +323,7 @@ class SamplingService:
             completions = self._logs.setdefault(key, _CompletionLog())
         completions.ack(req.prev_cursor)
         if not completions.after(req.prev_cursor) and req.wait_s > 0:
-            try:
-                await asyncio.wait_for(completions.changed.wait(), timeout=req.wait_s)
-            except asyncio.TimeoutError:
-                pass
+            await completions.arrived.wait(req.wait_s)
         found = completions.after(req.prev_cursor)
         return RetrieveFuturesResp(completions=[done for _, done in found],
                                    cursor=found[-1][0] if found else req.prev_cursor)

@@ -22,6 +22,10 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
+from actors.omp import prefer_passive_waits
+
+prefer_passive_waits()  # before torch loads libgomp, which reads it once
+
 import torch
 import torch.distributed as dist
 import zmq
@@ -189,10 +193,22 @@ class TrainerWorker:
         size_bytes = sum(a.nbytes for a in arrays.values())
         if req.save_dir:  # a sampler_weights checkpoint: the adapter alone, written atomically
             size_bytes = self.backend.write_state(req.save_dir, SlotState(spec, arrays))
-        for address in req.engine_addresses:
-            self._engine_peer(address).call(EngineLoadAdapterReq(adapter_id=req.adapter_id, lora=spec,
-                                                                 tensors=arrays), timeout_ms=ENGINE_PUSH_TIMEOUT_MS)
+        self._push_to_engines(req.engine_addresses, req.adapter_id, spec, arrays)
         return TrainerPushAdapterResp(size_bytes=size_bytes)
+
+    def _push_to_engines(self, addresses: list[str], adapter_id: str, spec, arrays: dict) -> None:
+        """Every engine gets the adapter before any reply is awaited, so they load it at the same time;
+        the first refusal (or silence) is raised once every engine has answered or timed out."""
+        sent = [(peer, peer.send_request(EngineLoadAdapterReq(adapter_id=adapter_id, lora=spec, tensors=arrays)))
+                for peer in map(self._engine_peer, addresses)]
+        failures = []
+        for peer, load in sent:
+            try:
+                peer.wait_reply(load, timeout_ms=ENGINE_PUSH_TIMEOUT_MS)
+            except (RemoteError, TimeoutError) as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def handle_TrainerSaveStateReq(self, req: TrainerSaveStateReq) -> TrainerSaveStateResp:
         """Collective: the exporting rank writes the checkpoint, the others answer size 0."""

@@ -17,7 +17,7 @@ import zmq
 import zmq.asyncio
 
 from actors.controller.workers import WorkerFailure, WorkerPool
-from cluster.codec import encode
+from cluster.codec import decode, encode
 from cluster.messages import (
     DatumBatch, ErrorResp, RankCoords, TrainerDropAdapterReq, TrainerDropAdapterResp, TrainerForwardBackwardReq,
     TrainerForwardBackwardResp, ForwardBackwardResult, PassEntry, PassOutcome, WorkerReadyEvent,
@@ -139,5 +139,74 @@ def test_a_rank_whose_coordinates_disagree_with_the_layout_is_refused():
                 await asyncio.sleep(0.05)
             assert "trainer 1 reports coordinates" in pool.failure and "dp=2 tp=1 pp=1" in pool.failure
             assert not pool.ready.is_set()
+
+    asyncio.run(scenario())
+
+
+def test_messages_past_the_high_water_mark_wait_and_leave_in_order():
+    """A peer that does not read for a while: what does not fit its queue waits in the AsyncPeer (the loop
+    never blocks) and leaves, in order, once the peer reads. inproc: no kernel buffers to absorb the queue, and
+    past ZMQ's default high-water mark of 1000 (the bound side's options are those it had when it bound)."""
+    address, count = "inproc://past-the-high-water-mark", 1500
+    got: list[int] = []
+    reading = threading.Event()
+
+    def slow_reader(ctx: zmq.Context):
+        sock = zmq.Socket(ctx, zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"slow")
+        sock.setsockopt(zmq.RCVHWM, 4)
+        sock.connect(address)
+        sock.send_multipart(encode(WorkerReadyEvent(role="engine", rank=0, world_size=1)))
+        reading.wait(10)
+        while len(got) < count and sock.poll(10_000):
+            got.append(decode(sock.recv_multipart()).call_id)
+        sock.close(0)
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        hello: asyncio.Queue = asyncio.Queue()
+        router = AsyncPeer(ctx, zmq.ROUTER, address, bind=True)
+        router.start(lambda peer, msg: hello.put_nowait(peer))
+        thread = threading.Thread(target=slow_reader, args=(ctx,))
+        thread.start()
+        identity = await asyncio.wait_for(hello.get(), 10)
+        for i in range(count):
+            router.send(identity, TrainerDropAdapterResp(call_id=i))
+        assert router._backlog, "nothing waited: the test never reached the high-water mark"
+        reading.set()
+        await asyncio.to_thread(thread.join, 20)
+        assert got == list(range(count)) and not router._backlog
+        with pytest.raises(zmq.ZMQError):  # nothing waits now: sent at once to a peer that is gone, it raises
+            router.send(b"gone", TrainerDropAdapterResp())
+        router.close()
+        ctx.term()
+
+    asyncio.run(scenario())
+
+
+def test_a_reply_to_a_peer_that_is_gone_is_dropped_and_the_peer_keeps_serving():
+    address = _address()
+
+    def client(ctx: zmq.Context, identity: bytes, out: list):
+        peer = BlockingPeer(ctx, zmq.DEALER, address, bind=False, identity=identity)
+        out.append(peer.call(TrainerDropAdapterReq(slot=1), timeout_ms=10_000))
+        peer.close()
+
+    async def scenario():
+        ctx = zmq.asyncio.Context()
+        router = AsyncPeer(ctx, zmq.ROUTER, address, bind=True)
+
+        def answer(peer, req):
+            router.reply(b"nobody", req, TrainerDropAdapterResp())  # logged and dropped, not raised
+            router.reply(peer, req, TrainerDropAdapterResp())
+
+        router.start(answer)
+        replies: list = []
+        thread = threading.Thread(target=client, args=(zmq.Context.instance(), b"c", replies))
+        thread.start()
+        await asyncio.to_thread(thread.join, 20)
+        assert [type(r) for r in replies] == [TrainerDropAdapterResp]
+        router.close()
+        ctx.term()
 
     asyncio.run(scenario())

@@ -63,20 +63,44 @@ class AdapterSelection:
     def __init__(self):
         self.per_row: torch.Tensor | None = None  # long [B]
         self.single: int | None = None  # fast path: the whole batch uses one slot
+        self.segments: list[tuple[int, int, int]] | None = None  # (slot, first row, end row), rows grouped by slot
 
     @contextlib.contextmanager
-    def use(self, slots: int | torch.Tensor):
-        """Run the model with one slot for the whole batch, or one slot per batch row."""
+    def use(self, slots: int | torch.Tensor, grouped: bool = False):
+        """Run the model with one slot for the whole batch, or one slot per batch row.
+
+        `grouped`: the rows of each slot are contiguous (a trainer pass, entry after entry).
+        Then each slot's block of rows goes through its own slot's weights, as a one-slot
+        batch does, instead of a weight copy gathered per row and batched matmuls: a pass
+        of 8 models x 4 rows x 32 tokens took 291 ms instead of 360 (one model with all
+        32 rows: 190 ms; built-in model, 2 CPU threads)."""
+        self.single, self.per_row, self.segments = None, None, None
         if isinstance(slots, torch.Tensor):
             unique = torch.unique(slots)
-            self.single = int(unique[0]) if len(unique) == 1 else None
-            self.per_row = None if len(unique) == 1 else slots
+            if len(unique) == 1:
+                self.single = int(unique[0])
+            elif grouped:
+                self.segments = _segments(slots.tolist())
+            else:
+                self.per_row = slots
         else:
-            self.single, self.per_row = int(slots), None
+            self.single = int(slots)
         try:
             yield
         finally:
-            self.single, self.per_row = None, None
+            self.single, self.per_row, self.segments = None, None, None
+
+
+def _segments(slots: list[int]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for row, slot in enumerate(slots):
+        if out and out[-1][0] == slot:
+            out[-1] = (slot, out[-1][1], row + 1)
+        else:
+            out.append((slot, row, row + 1))
+    if len({slot for slot, _, _ in out}) != len(out):
+        raise ValueError(f"grouped adapter slots are not contiguous: {slots}")
+    return out
 
 
 class SlotSettings:
@@ -117,16 +141,13 @@ class MultiLoraLinear(nn.Module, SlotSettings):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        single, per_example = self.selection.single, self.selection.per_row
-        if single is not None:
-            scaling = self.slot_scaling[single]
-            if single == BASE_SLOT or scaling == 0.0:
-                return out
-            # views of the slot's first `rank` rows / columns: the rest stay out of the
-            # graph, so their gradients are exactly zero, as the mask makes them below
-            rank = self.slot_rank[single]
-            a, b = self.lora_A[single, :rank], self.lora_B[single, :, :rank]
-            return out + F.linear(F.linear(x, a), b) * scaling
+        selection = self.selection
+        if selection.single is not None:
+            delta = self._slot_delta(x, selection.single)
+            return out if delta is None else out + delta
+        if selection.segments is not None:
+            return out + self._segment_deltas(x, out, selection.segments)
+        per_example = selection.per_row
         if per_example is None:
             return out
         a = self.lora_A[per_example] * self.rank_mask[per_example].unsqueeze(-1)  # [B, r, in]
@@ -135,6 +156,31 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
         delta = delta * self.scaling[per_example].view(-1, 1, 1)
         return out + delta.reshape(out.shape)
+
+    def _slot_delta(self, x: torch.Tensor, slot: int, a=None, b=None) -> torch.Tensor | None:
+        """The LoRA term of `slot` for `x` (None: the slot leaves this layer alone); `a`, `b`: the slot's
+        weights `[r_max, in]`, `[out, r_max]` if already taken out of the slot tensors."""
+        scaling = self.slot_scaling[slot]
+        if slot == BASE_SLOT or scaling == 0.0:
+            return None
+        # views of the slot's first `rank` rows / columns: the rest stay out of the
+        # graph, so their gradients are exactly zero, as the mask makes them below
+        rank = self.slot_rank[slot]
+        a = self.lora_A[slot, :rank] if a is None else a[:rank]
+        b = self.lora_B[slot, :, :rank] if b is None else b[:, :rank]
+        return F.linear(F.linear(x, a), b) * scaling
+
+    def _segment_deltas(self, x: torch.Tensor, out: torch.Tensor, segments: list[tuple[int, int, int]]):
+        """The LoRA terms of rows grouped by slot, each block through its own slot's weights. They leave the
+        slot tensors in one index_select + unbind: a view of each slot straight from them would, in
+        backward, write each slot's gradient into a zero tensor the size of all slots."""
+        index = torch.tensor([slot for slot, _, _ in segments], device=self.lora_A.device)
+        weights = zip(self.lora_A.index_select(0, index).unbind(0), self.lora_B.index_select(0, index).unbind(0))
+        deltas = []
+        for (slot, first, end), (a, b) in zip(segments, weights):
+            delta = self._slot_delta(x[first:end], slot, a, b)
+            deltas.append(out.new_zeros((end - first, *out.shape[1:])) if delta is None else delta)
+        return torch.cat(deltas)
 
 
 class SlotOwner:
@@ -192,9 +238,9 @@ class SlotOwner:
             if p.grad is not None:
                 p.grad[slot].zero_()
 
-    def use(self, slots: int | torch.Tensor):
-        """Run the model with one slot for the whole batch, or one slot per batch row."""
-        return self.selection.use(slots)
+    def use(self, slots: int | torch.Tensor, grouped: bool = False):
+        """Run the model with one slot for the whole batch, or one slot per batch row (AdapterSelection.use)."""
+        return self.selection.use(slots, grouped)
 
 
 class LoraSlots(SlotOwner):

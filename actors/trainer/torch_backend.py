@@ -126,7 +126,7 @@ class TorchTrainerBackend(SlotTensorBackend):
         real = torch.arange(width, device=self.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
         input_ids = torch.zeros(real.shape, dtype=torch.int64, device=self.device)
         input_ids[real] = torch.as_tensor(tokens, device=self.device)
-        with self.slots.use(torch.as_tensor(slots, device=self.device)):
+        with self.slots.use(torch.as_tensor(slots), grouped=True):  # piece after piece
             logits = self.model(input_ids=input_ids, attention_mask=real.long(), use_cache=False).logits
         logprobs = logits[real].float().log_softmax(dim=-1)  # [T, V], piece-major like `tokens`
         out, start = [], 0

@@ -21,8 +21,8 @@ def lora(builtin_model_dir) -> LoraSlots:
     return LoraSlots(model, NUM_SLOTS, MAX_RANK)
 
 
-def _logits(lora: LoraSlots, slots) -> torch.Tensor:
-    with torch.no_grad(), lora.use(slots):
+def _logits(lora: LoraSlots, slots, grouped: bool = False) -> torch.Tensor:
+    with torch.no_grad(), lora.use(slots, grouped):
         return lora.model(input_ids=INPUT_IDS).logits
 
 
@@ -78,14 +78,21 @@ def test_rank_beyond_spec_gets_no_gradient(lora):
         assert not m.lora_A.grad[1, 2:].any() and not m.lora_B.grad[1, :, 2:].any()
 
 
-def test_per_example_slots_match_single_slot_runs(lora):
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-row", "grouped"])
+def test_per_example_slots_match_single_slot_runs(lora, grouped):
     lora.init_slot(1, LoraSpec(rank=4, seed=1))
     lora.init_slot(2, LoraSpec(rank=8, seed=2, train_mlp=False))
     _randomize_b(lora, 1, seed=3)
     _randomize_b(lora, 2, seed=4)
-    mixed = _logits(lora, torch.tensor([1, 2]))
+    mixed = _logits(lora, torch.tensor([1, 2]), grouped)
     torch.testing.assert_close(mixed[0], _logits(lora, 1)[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[1], _logits(lora, 2)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_slots_must_be_contiguous(lora):
+    with pytest.raises(ValueError, match="not contiguous"):
+        with lora.use(torch.tensor([1, 2, 1]), grouped=True):
+            pass
 
 
 def test_export_then_load_into_another_slot_reproduces_outputs(lora):

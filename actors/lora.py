@@ -165,8 +165,8 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         # the slot's first `rank` rows / columns: the rest stay out of the graph, so their gradients are
         # exactly zero, as the mask makes them in the per-row path
         rank = self.slot_rank[slot]
-        a = _SlotWeight.apply(self.lora_A, (slot, slice(0, rank)))
-        b = _SlotWeight.apply(self.lora_B, (slot, slice(None), slice(0, rank)))
+        a = _slot_part(self.lora_A, (slot, slice(0, rank)))
+        b = _slot_part(self.lora_B, (slot, slice(None), slice(0, rank)))
         return F.linear(F.linear(x, a), b) * scaling
 
     def _segment_deltas(self, x: torch.Tensor, out: torch.Tensor, segments: list[tuple[int, int, int]]):
@@ -176,6 +176,14 @@ class MultiLoraLinear(nn.Module, SlotSettings):
             delta = self._slot_delta(x[first:end], slot)
             deltas.append(out.new_zeros((end - first, *out.shape[1:])) if delta is None else delta)
         return torch.cat(deltas)
+
+
+def _slot_part(param: torch.Tensor, index: tuple) -> torch.Tensor:
+    """`param[index]`; through _SlotWeight only when a backward will follow (an engine's decode step runs
+    without grad, and an autograd function's apply costs microseconds per layer and weight)."""
+    if torch.is_grad_enabled() and param.requires_grad:
+        return _SlotWeight.apply(param, index)
+    return param[index]
 
 
 class _SlotWeight(torch.autograd.Function):

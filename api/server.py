@@ -37,7 +37,7 @@ from api.rest import RestHandlers, is_download_path, query_int, unserved_routes
 from api.sampling import sample_request_from_json, sample_response_json, sample_response_proto
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    CancelFutureReq, ClusterStatusReq, ForwardBackwardResult, GetInfoReq, GetSamplerReq, JsonResult,
+    MAX_STATUS_WAIT_S, CancelFutureReq, ClusterStatusReq, ForwardBackwardResult, GetInfoReq, GetSamplerReq, JsonResult,
     RetrieveFutureReq, RetrieveFuturesReq, SampleResult, SkipSeqReq, SubmitResp,
 )
 from cluster.process import die_with_parent, set_process_name, setup_logging
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 CONTROLLER_TIMEOUT_S = 60.0
 HEALTH_TIMEOUT_S = 5.0
-MAX_HEALTH_WAIT_S = 20  # healthz?wait_s=, whole seconds: the controller's MAX_STATUS_WAIT_S
 JSON = "application/json"
 PROTOBUF = "application/x-protobuf"
 PREFIX = "/api/v1"
@@ -176,9 +175,9 @@ class Handlers:
         return json_response({"status": "accepted"})
 
     async def healthz(self, request: web.Request) -> web.Response:
-        """`?wait_s=S` (at most MAX_HEALTH_WAIT_S): a starting cluster is answered once it has started or failed
+        """`?wait_s=S` (at most MAX_STATUS_WAIT_S): a starting cluster is answered once it has started or failed
         to, or after S seconds, so the launcher learns of it at once rather than at its next poll."""
-        wait_s = query_int(request, "wait_s", 0, 0, MAX_HEALTH_WAIT_S)
+        wait_s = query_int(request, "wait_s", 0, 0, MAX_STATUS_WAIT_S)
         status = await self.call(request, ClusterStatusReq(wait_s=float(wait_s)), timeout=HEALTH_TIMEOUT_S + wait_s)
         if status.failed:  # not "still starting": it will not get better by waiting
             raise HttpError(500, f"cluster failed: {status.detail}")

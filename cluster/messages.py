@@ -437,10 +437,13 @@ class RetrieveFutureResp(Message):
     category: str = "server"  # "user" | "server" | "unknown" (Tinker's RequestFailedError)
 
 
+MAX_STATUS_WAIT_S = 20  # the longest a ClusterStatusReq (and so the API's healthz?wait_s=) may wait
+
+
 @message
 class ClusterStatusReq(Message):
-    # > 0: answer once the cluster has started (or failed to), or after this long: the launcher's wait for a
-    # cold start, which then learns of it at once instead of a poll interval later
+    # > 0 (at most MAX_STATUS_WAIT_S): answer once the cluster has started (or failed to), or after this long:
+    # the launcher's wait for a cold start, which then learns of it at once instead of a poll interval later
     wait_s: float = 0.0
 
 
@@ -843,6 +846,11 @@ class PassEntry:
     loss_fn_config: dict[str, float | str] = field(default_factory=dict)
     forward_only: bool = False
     batch: DatumBatch
+
+
+# how a rank's refusal begins when another rank refused the request: the controller passes on the refusing
+# rank's own reason instead (actors/controller/trainer_calls.py)
+ECHOED_REJECTION = "another trainer rank rejected"
 
 
 @message

@@ -33,7 +33,8 @@ from actors.controller.training import TrainingService
 from actors.controller.workers import TrainerGroupDied, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
-    AdminReq, Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp, CreateModelReq,
+    MAX_STATUS_WAIT_S, AdminReq, Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp,
+    CreateModelReq,
     CreateSamplingSessionReq, CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp,
     FinishSessionReq, FinishSessionResp, ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp,
     GetSessionReq, GetSessionResp, ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, ReassignUserReq,
@@ -47,7 +48,6 @@ from cluster.transport import AsyncPeer
 log = logging.getLogger(__name__)
 _SWEEP_INTERVAL_S = 10.0
 SHUTDOWN_DELAY_S = 0.3
-MAX_STATUS_WAIT_S = 20.0  # the longest a ClusterStatusReq may wait for the cluster to start (the API's limit too)
 # what a draining controller refuses: anything that starts new work (polls, heartbeats, listings go on)
 NEW_WORK = (CreateSessionReq, CreateModelReq, ForwardBackwardReq, OptimStepReq, SaveWeightsForSamplerReq,
             SaveWeightsReq, SaveWeightsExternalReq, LoadWeightsReq, CreateSamplingSessionReq, SampleReq)

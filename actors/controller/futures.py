@@ -28,8 +28,7 @@ RESTART_ERROR = "the server restarted before this request finished; submit it ag
 
 class Waiters:
     """Polls held until something happens (a future settles, a completion is logged). Each is a bare loop
-    future with a timer: asyncio.wait_for(Event.wait()) ran every poll in a task of its own, two more loop
-    turns between the event and the reply."""
+    future with a timer, no task per poll, so the reply goes out on the loop turn the wake-up happens."""
 
     def __init__(self):
         self._held: list[asyncio.Future] = []

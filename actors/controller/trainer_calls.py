@@ -14,23 +14,19 @@ import numpy as np
 
 from actors.controller.errors import ApiError
 from cluster.messages import (
-    ForwardBackwardReq, ForwardBackwardResult, OptimStepReq, PassEntry, SlotStep, TrainerForwardBackwardReq,
-    TrainerOptimStepReq,
+    ECHOED_REJECTION, ForwardBackwardReq, ForwardBackwardResult, OptimStepReq, PassEntry, SlotStep,
+    TrainerForwardBackwardReq, TrainerOptimStepReq,
 )
 from cluster.metrics import merge_metrics
 from cluster.parallel import ParallelDims
 
-# what a rank says when another rank refused the entry: the refusing rank's reason is the one to pass on
-_ECHOED = "another trainer rank rejected"
-
-
 def pass_requests(dims: ParallelDims, work: list[tuple[int, ForwardBackwardReq]]) -> list[TrainerForwardBackwardReq]:
     """Per rank, the pass of every (slot, request) in `work`, each entry that rank's DP shard."""
-    bounds = [dims.shard_bounds(req.batch.num_datums) for _, req in work]
-    return [TrainerForwardBackwardReq(entries=[
-        PassEntry(slot=slot, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config, forward_only=req.forward_only,
-                  batch=req.batch.select(*shards[dims.coords(rank).dp]))
-        for (slot, req), shards in zip(work, bounds)]) for rank in range(dims.world_size)]
+    per_group = [[PassEntry(slot=slot, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config,
+                            forward_only=req.forward_only, batch=req.batch.select(*bounds))
+                  for bounds in dims.shard_bounds(req.batch.num_datums)] for slot, req in work]
+    return [TrainerForwardBackwardReq(entries=[shards[dims.coords(rank).dp] for shards in per_group])
+            for rank in range(dims.world_size)]
 
 
 def pass_outcomes(dims: ParallelDims, replies: list) -> list[ForwardBackwardResult | ApiError]:
@@ -71,5 +67,5 @@ def _refusal(reasons: list[str]) -> ApiError | None:
     given = [reason for reason in reasons if reason]
     if not given:
         return None
-    own = [reason for reason in given if not reason.startswith(_ECHOED)]
+    own = [reason for reason in given if not reason.startswith(ECHOED_REJECTION)]
     return ApiError(400, (own or given)[0])

@@ -333,18 +333,22 @@ class TrainingService:
                     op.run.queued -= 1
 
     async def _execute_cycle(self, cycle: Cycle) -> None:
-        live = []
-        for op in cycle.ops:
-            if op.run.dropped and not isinstance(op.req, DropRunOp):
-                self.futures.fail(op.request_id, op.run.dropped, "user")
-            else:
-                live.append(op)
+        live = [op for op in cycle.ops if not self._failed_if_dropped(op)]
         if len(live) == 1:
             await self._execute(live[0])
         elif live:
             await self._execute_shared(cycle.kind, live)
 
+    def _failed_if_dropped(self, op: "_Op") -> bool:
+        """A dropped run's queued requests fail with the reason (its DropRunOp still frees the slot)."""
+        if op.run.dropped and not isinstance(op.req, DropRunOp):
+            self.futures.fail(op.request_id, op.run.dropped, "user")
+            return True
+        return False
+
     async def _execute(self, op: "_Op") -> None:
+        if self._failed_if_dropped(op):  # also when a shared cycle falls back to one by one
+            return
         try:
             result = await self._run_rebuilding(op.run, op.req)
         except Exception as exc:
@@ -358,8 +362,7 @@ class TrainingService:
         that kills the group again is given up."""
         try:
             for run in {id(op.run): op.run for op in ops}.values():
-                if run.journal.generation not in (0, self.workers.group.generation):
-                    await self._rebuild(run)
+                await self._ensure_built(run)
             started = time.monotonic()
             work = [(op.run.slot, op.req) for op in ops]
             outcomes = await (self._pass(work) if kind == PASS else self._optim(work))
@@ -393,8 +396,7 @@ class TrainingService:
         handler = getattr(self, f"execute_{type(req).__name__}")
         while True:
             try:
-                if run.journal.generation not in (0, self.workers.group.generation):
-                    await self._rebuild(run)
+                await self._ensure_built(run)
                 started = time.monotonic()
                 result = await handler(run, req)
             except TrainerGroupDied as exc:
@@ -418,6 +420,11 @@ class TrainingService:
         run.journal.record(req, elapsed_s, self.workers.group.generation)
         if run.journal.snapshot_due(self.config.controller.snapshot_budget):
             await self._snapshot(run)
+
+    async def _ensure_built(self, run: TrainingRun) -> None:
+        """A run built on an earlier trainer group (one that died) is rebuilt on this one first."""
+        if run.journal.generation not in (0, self.workers.group.generation):
+            await self._rebuild(run)
 
     async def _rebuild(self, run: TrainingRun) -> None:
         """Bring the run's adapter back in a new trainer group: its snapshot, then its replay log, in order."""

@@ -333,10 +333,6 @@ class WorkerPool:
             for call in calls:  # the replies still due after an early error are not awaited by anyone
                 call.add_done_callback(_consume_exception)
 
-    def reporting_replies(self, replies: list[Any]) -> list[Any]:
-        """The replies that speak for each DP group, in DP order (ParallelDims.reporting_rank)."""
-        return [replies[self.dims.reporting_rank(dp)] for dp in range(self.dims.dp)]
-
     async def trainer_broadcast(self, make_req: Callable[[], Any]) -> list[Any]:
         return await self.trainer_fan_out([make_req() for _ in range(self.expected_trainers)])
 

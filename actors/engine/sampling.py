@@ -67,7 +67,7 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
     if not sampled_rows:
         return logits.argmax(dim=-1)
     every_row = len(sampled_rows) == len(params)  # the common case: no argmax, no row selection
-    index = torch.tensor(sampled_rows, device=logits.device)
+    index = None if every_row else torch.tensor(sampled_rows, device=logits.device)
     rows = [params[i] for i in sampled_rows]
     scaled = (logits if every_row else logits.index_select(0, index)).float()
     if any(p.temperature != 1.0 for p in rows):  # x / 1.0 == x exactly: skipping it changes nothing

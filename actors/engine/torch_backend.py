@@ -36,7 +36,6 @@ without it up to float32 rounding (tests/unit/test_engine_batching.py).
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 from collections import deque
@@ -290,7 +289,6 @@ class TorchEngineBackend(EngineBackend):
             # not at the first sample
             param.data = fresh.pop(name).data.clone()
         del fresh
-        gc.collect()
         return_memory(self.device)  # the loaded copy's heap pages, which glibc would otherwise keep
 
     def _checked_tensors(self, spec: LoraSpec, tensors: dict) -> dict[str, torch.Tensor]:

@@ -40,7 +40,9 @@ from actors.trainer.checkpoint_files import SlotState, read_training_state, writ
 from actors.trainer.cobatch import CheckedEntry
 from actors.trainer.optim import SlotAdamW, validate_adam_params
 from cluster.config import ClusterConfig
-from cluster.messages import AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec, PassEntry, RankCoords, SlotStep
+from cluster.messages import (
+    ECHOED_REJECTION, AdamParams, DatumBatch, ForwardBackwardResult, LoraSpec, PassEntry, RankCoords, SlotStep,
+)
 from cluster.parallel import ParallelDims
 
 
@@ -193,7 +195,7 @@ class TrainerBackend(abc.ABC):
             return rejections
         flags = torch.tensor([0 if r is None else 1 for r in rejections], dtype=torch.int32, device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return [ValueError(f"another trainer rank rejected {what} (its reply names the problem)")
+        return [ValueError(f"{ECHOED_REJECTION} {what} (its reply names the problem)")
                 if rejection is None and int(flag) else rejection for rejection, flag in zip(rejections, flags)]
 
 

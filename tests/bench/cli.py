@@ -113,7 +113,7 @@ def check_tenant_counts(p: argparse.ArgumentParser, args) -> None:
     # each tenant holds one of tinkerd's adapter slots (8 by default); more slots would also
     # change what every other figure measures, so it is the caller's choice, not made here
     if (not args.base_url and "tenants" not in args.skip and max(counts) > 8
-            and not any(a.startswith("--max-adapters") for a in args.launch_arg)):
+            and not any(a == "--max-adapters" or a.startswith("--max-adapters=") for a in args.launch_arg)):
         p.error(f"--tenant-counts up to {max(counts)} needs as many adapter slots: "
                 f"add --launch-arg=--max-adapters={max(counts)}")
 

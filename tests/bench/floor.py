@@ -35,16 +35,17 @@ from aiohttp import web
 
 from actors.controller.sampling import CLONE_SEQ_STRIDE
 from api.errors import HttpError
-from api.forward_backward import decompress_body, parse_forward_backward_proto
+from api.forward_backward import MAX_BODY_BYTES, decompress_body, parse_forward_backward_proto
 from api.json_fields import JsonObject, parse_json_object
 from api.sampling import DEFAULT_MAX_TOKENS
 from api.server import PREFIX, Handlers, errors_as_json, json_response, render_result
+from cluster.config import ApiConfig
 from cluster.messages import ForwardBackwardResult, JsonResult, SampledSequence, SampleResult
 from cluster.process import die_with_parent
 from tests.bench import spec
 
 READY = "floor ready: base_url="
-LONG_POLL_S = 30.0  # as tinkerd's API: the SDK's own poll timeout is 45 s
+LONG_POLL_S = ApiConfig.long_poll_s  # as tinkerd's API: the SDK's own poll timeout is 45 s
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -212,7 +213,7 @@ class Stub:
 
 def create_app() -> web.Application:
     stub = Stub()
-    app = web.Application(middlewares=[errors_as_json], client_max_size=256 * 2**20)
+    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY_BYTES)
     post = {"client/config": stub.product.client_config, "client/dynamic_config": stub.product.dynamic_config,
             "telemetry": stub.product.telemetry, "create_session": stub.create_session,
             "session_heartbeat": stub.ok, "sessions/{session_id}/finish": stub.ok,

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,7 +130,7 @@ def measure(base_url: str, base_model: str, sizes: spec.Sizes, api_key: str) -> 
         tenants.close()
     lags = sorted(tenants.start_lags_ms)
     note = (f"{max(sizes.tenant_list)} tenant processes; the last tenant began at most {max(lags):.1f} ms "
-            f"after the start signal (median of runs {lags[len(lags) // 2]:.1f} ms)")
+            f"after the start signal (median of runs {statistics.median(lags):.1f} ms)")
     return samples, note
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Iterator, Mapping
 
 import torch
@@ -28,6 +29,10 @@ from actors.peft import lora_tensor_names, module_kind, trains_kind
 from cluster.messages import LoraSpec
 
 BASE_SLOT = 0
+
+# a slot of rank < r_max trains a strided view of lora_B (_slot_part), whose gradient is the matching view of the
+# slot tensor's: autograd warns that such a leaf's gradient is not contiguous, which is the point here
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 def validate_lora_spec(spec: LoraSpec, max_rank: int) -> None:
@@ -138,6 +143,7 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         self.lora_A = nn.Parameter(torch.zeros(num_slots, max_rank, base.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(num_slots, base.out_features, max_rank, device=dev, dtype=dt))
         self.init_slot_settings(num_slots, max_rank, dt, dev)
+        self._leaves: dict[tuple, tuple] = {}  # _slot_part's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -157,6 +163,10 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         delta = delta * self.scaling[per_example].view(-1, 1, 1)
         return out + delta.reshape(out.shape)
 
+    def _apply(self, fn, recurse=True):
+        self._leaves.clear()  # views of the tensors a move (.to, offload) replaces: they would keep those alive
+        return super()._apply(fn, recurse)
+
     def _slot_delta(self, x: torch.Tensor, slot: int) -> torch.Tensor | None:
         """The LoRA term of `slot` for `x` (None: the slot leaves this layer alone)."""
         scaling = self.slot_scaling[slot]
@@ -165,8 +175,8 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         # the slot's first `rank` rows / columns: the rest stay out of the graph, so their gradients are
         # exactly zero, as the mask makes them in the per-row path
         rank = self.slot_rank[slot]
-        a = _slot_part(self.lora_A, (slot, slice(0, rank)))
-        b = _slot_part(self.lora_B, (slot, slice(None), slice(0, rank)))
+        a = _slot_part(self.lora_A, (slot, slice(0, rank)), self._leaves)
+        b = _slot_part(self.lora_B, (slot, slice(None), slice(0, rank)), self._leaves)
         return F.linear(F.linear(x, a), b) * scaling
 
     def _segment_deltas(self, x: torch.Tensor, out: torch.Tensor, segments: list[tuple[int, int, int]]):
@@ -178,32 +188,27 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         return torch.cat(deltas)
 
 
-def _slot_part(param: torch.Tensor, index: tuple) -> torch.Tensor:
-    """`param[index]`; through _SlotWeight only when a backward will follow (an engine's decode step runs
-    without grad, and an autograd function's apply costs microseconds per layer and weight)."""
-    if torch.is_grad_enabled() and param.requires_grad:
-        return _SlotWeight.apply(param, index)
-    return param[index]
-
-
-class _SlotWeight(torch.autograd.Function):
-    """`param[index]` (one slot's part of a slot tensor) whose backward adds its gradient into
-    `param.grad[index]` in place. Autograd's own indexing backward builds a zero tensor the
-    size of all slots for every use and adds it to `param.grad`: a memset and an add of
-    [slots, r, in] per layer and weight (~5% of an 8-token step's CPU time, built-in model)."""
-
-    @staticmethod
-    def forward(ctx, param: torch.Tensor, index: tuple) -> torch.Tensor:
-        ctx.param, ctx.index = param, index
-        return param.detach()[index]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        param = ctx.param
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        param.grad[ctx.index] += grad
-        return None, None
+def _slot_part(param: torch.Tensor, index: tuple, leaves: dict) -> torch.Tensor:
+    """`param[index]`; when a backward will follow, a leaf view of it whose `.grad` is a view of
+    `param.grad[index]` (cached in `leaves`). Autograd then adds the slot's gradient into its part of the slot
+    tensor's gradient in place (AccumulateGrad adds into a defined `.grad`), in C++: indexing the parameter
+    instead makes autograd build a zero tensor the size of all slots for every layer and use, and an autograd
+    function doing the add in Python cost ~10% of an 8-token step (built-in model, profiled). An engine's decode
+    step runs without grad and gets the plain view."""
+    if not (torch.is_grad_enabled() and param.requires_grad):
+        return param[index]
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    key = (id(param), index[0], index[-1].stop)
+    stored = (param.data_ptr(), param.grad.data_ptr())
+    cached = leaves.get(key)
+    # a replaced gradient gets a new leaf (a moved parameter too, but MultiLoraLinear._apply forgets them all)
+    if cached is not None and cached[1] == stored:
+        return cached[0]
+    leaf = param.detach()[index].requires_grad_()
+    leaf.grad = param.grad[index]
+    leaves[key] = (leaf, stored)
+    return leaf
 
 
 class SlotOwner:

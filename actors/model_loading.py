@@ -35,5 +35,29 @@ def start_up_threads(threads: int | None = None) -> Iterator[None]:
         torch.set_num_threads(after)
 
 
+# Below this many tokens a pass runs on one thread. With passive OpenMP waits (actors/omp.py) every parallel
+# region wakes its peer threads through the kernel, and a small pass is hundreds of tiny regions: measured on the
+# 2-core dev VM (built-in model, one LoRA), one thread took 14-15 ms per 8-token forward + backward against 16-17
+# for two, was level at 64-128 tokens and lost from 256 on (75-84 ms against 66-70). Inside a server the gap is
+# wider, as the second thread competes with the API, controller and client processes for the other core: the
+# 8-token round trip took 29 ms instead of 41.
+SMALL_PASS_TOKENS = 192
+
+
+@contextlib.contextmanager
+def compute_threads(tokens: int, threads: int) -> Iterator[None]:
+    """Compute `tokens` (padded batch rows x width) on one thread if that is few, else on `threads`."""
+    wanted = 1 if tokens < SMALL_PASS_TOKENS else threads
+    before = torch.get_num_threads()
+    if wanted == before:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)

@@ -78,6 +78,28 @@ def test_rank_beyond_spec_gets_no_gradient(lora):
         assert not m.lora_A.grad[1, 2:].any() and not m.lora_B.grad[1, :, 2:].any()
 
 
+def test_gradients_land_in_the_slot_tensors_current_grad(lora):
+    """A slot trains through cached leaf views of its part of the slot tensors (lora._slot_part): a gradient
+    tensor replaced since, or a module moved since, gets fresh leaves rather than the stale ones."""
+    lora.init_slot(1, LoraSpec(rank=4, seed=1))
+    _randomize_b(lora, 1, seed=3)
+    module = next(iter(lora.modules.values()))
+
+    def step():
+        with lora.use(1):
+            lora.model(input_ids=INPUT_IDS).logits.logsumexp(-1).sum().backward()
+
+    step()
+    first = module.lora_A.grad[1].clone()
+    assert first.any()
+    module.lora_A.grad = torch.zeros_like(module.lora_A)  # e.g. a caller clearing gradients its own way
+    step()
+    torch.testing.assert_close(module.lora_A.grad[1], first, rtol=1e-6, atol=0)
+    lora.model.to(torch.float64)  # a move replaces the parameters' tensors (an offload does too)
+    step()
+    assert module.lora_A.grad.dtype == torch.float64 and module.lora_A.grad[1].any()
+
+
 @pytest.mark.parametrize("grouped", [False, True], ids=["per-row", "grouped"])
 def test_per_example_slots_match_single_slot_runs(lora, grouped):
     lora.init_slot(1, LoraSpec(rank=4, seed=1))

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from actors.model_loading import SMALL_PASS_TOKENS
 from actors.trainer.torch_backend import TorchTrainerBackend
 from cluster.config import ClusterConfig, ModelConfig, TrainerConfig
 from cluster.messages import AdamParams, DatumBatch, LoraSpec
@@ -86,10 +87,12 @@ def _reference_one_by_one(backend, datums):
     return logprobs, grads
 
 
+@pytest.mark.parametrize("lengths", [[5, 11, 2, 8], [6, 6, 6]], ids=["padded", "one-length"])
 @pytest.mark.parametrize("top_k", [0, 3])
-def test_padded_batch_matches_each_datum_alone(backend, top_k):
+def test_padded_batch_matches_each_datum_alone(backend, top_k, lengths):
+    """Ragged rows run padded with a mask; rows of one length run without either (torch_backend.padded_batch)."""
     _nudge_adapter(backend, SLOT)
-    datums = _datums([5, 11, 2, 8], top_k=top_k)
+    datums = _datums(lengths, top_k=top_k)
     expected_logprobs, expected_grads = _reference_one_by_one(backend, datums)
 
     result = backend.forward_backward(SLOT, "cross_entropy", {}, False, _batch(datums))
@@ -105,6 +108,22 @@ def test_padded_batch_matches_each_datum_alone(backend, top_k):
     assert result.metrics["loss:sum"] == pytest.approx(float(result.elementwise_loss.sum()), rel=1e-5)
     for name, p in backend.optimizer.params.items():
         assert_close_at_scale(p.grad, expected_grads[name], msg=name)
+
+
+def test_small_passes_compute_on_one_thread_and_large_ones_on_all(backend):
+    """actors/model_loading.compute_threads: one thread below SMALL_PASS_TOKENS padded tokens, the rank's
+    threads from there on, and the thread count as it was after either."""
+    backend.cpu_threads = 2
+    seen = []
+    hook = backend.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        for lengths in ([8], [SMALL_PASS_TOKENS // 4] * 4):
+            backend.forward_backward(SLOT, "cross_entropy", {}, False, _batch(_datums(lengths)))
+            assert torch.get_num_threads() == before
+    finally:
+        hook.remove()
+    assert seen == [1, 2]
 
 
 def test_forward_only_accumulates_nothing_and_backward_accumulates(backend):

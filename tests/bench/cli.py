@@ -20,10 +20,11 @@ cold start --cold-reps times:
                   tokens/s, for every N in --tenant-counts (default 1,4,8), on the same server
 
 The raw baseline (tests/bench/raw.py: plain torch + transformers in one process, the
-same model, LoRA shape and batches) runs first, before any server is started, so the
-two never share the CPU. Against --base-url it needs --model (the same model as the
-server's, a local dir or hub id) or it is skipped. Every server figure is reported
-with ratio = server median / raw median.
+same model, LoRA shape and batches) runs first, before any server is started, and again
+once the last server has stopped, so the two never share the CPU; each raw figure pools
+both runs' samples, as a small VM's speed drifts while the benchmark runs. Against
+--base-url it needs --model (the same model as the server's, a local dir or hub id) or it
+is skipped. Every server figure is reported with ratio = server median / raw median.
 
 The SDK floor (tests/bench/floor.py: a stub server that answers every call at once with a
 canned result) runs next, also before the server starts: the latency workloads' SDK calls
@@ -313,17 +314,28 @@ def choose_models(args) -> tuple[str | None, str | None, dict | None]:
     return (info["path"] if args.model_config else None), info["path"], info
 
 
-def raw_baseline(args, raw_model: str | None, sizes: spec.Sizes) -> tuple[dict | None, str | None]:
+def raw_baseline(args, raw_model: str | None, sizes: spec.Sizes, when: str) -> tuple[dict | None, str | None]:
     """(the raw baseline's results, or None and why it was skipped)."""
     if args.no_raw:
         return None, "--no-raw"
     if raw_model is None:
         return None, "--base-url without --model: the raw baseline needs the server's model on this machine"
-    log(f"raw baseline on {raw_model} ({args.device}, {args.dtype}) ...")
+    log(f"raw baseline {when} on {raw_model} ({args.device}, {args.dtype}) ...")
     t0 = time.perf_counter()
     result = run_raw(args, raw_model, sizes)
     log(f"raw baseline done in {time.perf_counter() - t0:.1f} s")
     return result, None
+
+
+def pooled(before: dict | None, after: dict | None) -> dict | None:
+    """One raw result from the runs before and after the server: each figure's samples of both together.
+    A small VM's speed drifts (2x within an hour, measured), so a baseline taken only before the server
+    would skew every ratio by however much the machine changed meanwhile."""
+    if before is None or after is None:
+        return before
+    figures = {key: spec.summarize(before["figures"][key]["samples"] + after["figures"].get(key, {}).get("samples", []))
+               for key in before["figures"]}
+    return {**before, "figures": figures, "runs": 2}
 
 
 def main(argv=None) -> int:
@@ -336,7 +348,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     launch_model, raw_model, model_info = choose_models(args)
-    raw_result, raw_skipped = raw_baseline(args, raw_model, sizes)
+    raw_result, raw_skipped = raw_baseline(args, raw_model, sizes, "before the server")
     runner = Runner(args, sizes)
     floor_skipped = "--no-floor" if args.no_floor else None
     if not args.no_floor:
@@ -348,6 +360,8 @@ def main(argv=None) -> int:
         target = bench_tinkerd(args, sizes, runner, launch_model, args.cache_dir / "models")
     if model_info:
         target["model_info"] = model_info
+    if raw_result is not None:
+        raw_result = pooled(raw_result, raw_baseline(args, raw_model, sizes, "after the server")[0])
     load["end"] = [round(x, 2) for x in os.getloadavg()]
     result = report.build(target=target, sizes=sizes, server=runner.samples, raw_result=raw_result,
                           raw_skipped=raw_skipped, floor=runner.floor, floor_skipped=floor_skipped,

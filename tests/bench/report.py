@@ -216,6 +216,8 @@ def table(result: dict) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
     lines.append("ratio = server / raw (medians): tok/s below 1 and ms/s above 1 are slower than raw.")
+    if result["raw"].get("runs") == 2:
+        lines.append("raw = one run before the server and one after it, their samples pooled (the machine drifts).")
     lines.append("over raw+floor = server - raw - SDK floor (medians, ms): what the server adds above the best a "
                  "client can see.")
     lines.append("")

@@ -52,11 +52,12 @@ def test_writes_results_json_with_every_figure(bench_run):
     assert list(figures) == ["roundtrip_ms", "train_tokens_per_s", "sample_tokens_per_s", "sample_first_result_ms",
                              "sync_sampling_client_ms", "sync_named_ms", "cold_launch_s", "cold_first_result_s",
                              "tenants_1_tokens_per_s", "tenants_2_tokens_per_s"]
+    assert result["raw"]["runs"] == 2  # before and after the server: its samples pooled
     for key, figure in figures.items():
-        for side in ("server", "raw"):
+        for side, runs in (("server", 1), ("raw", 2)):
             stats = figure[side]
             reps = 3 if key in LATENCY and key != "cold_first_result_s" else 1
-            assert stats["n"] == reps and stats["median"] > 0, (key, side, stats)
+            assert stats["n"] == reps * runs and stats["median"] > 0, (key, side, stats)
             assert stats["min"] <= stats["median"] <= stats["max"]
         assert figure["ratio"] == pytest.approx(figure["server"]["median"] / figure["raw"]["median"])
     assert "train_tokens_per_s" in stdout and "ratio" in stdout  # the printed table

@@ -36,6 +36,7 @@ without it up to float32 rounding (tests/unit/test_engine_batching.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -56,7 +57,7 @@ from actors.engine.prefix_cache import CachedPrompt, Key, PrefixCache
 from actors.engine.prompt_scores import prompt_logits_needed, record_prompt_scores, scores_prompt
 from actors.engine.sampling import StopCondition, choose_tokens, raw_logprobs, sample_generator
 from actors.lora import LoraSlots
-from actors.model_loading import load_causal_lm, load_tokenizer, start_up_threads
+from actors.model_loading import compute_threads, load_causal_lm, load_tokenizer, start_up_threads
 from actors.peft import check_tensors, expected_lora_shapes, read_peft_adapter
 from cluster.config import ClusterConfig
 from cluster.messages import EngineSampleReq, LoraSpec, SampledSequence, SampleResult
@@ -133,6 +134,7 @@ class TorchEngineBackend(EngineBackend):
             self.slots = LoraSlots(self.model, engine.max_adapters + 1, engine.max_lora_rank)
         for p in self.slots.parameters():
             p.requires_grad_(False)  # the engine never trains
+        self.cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else None
         self.adapters = AdapterTable(self.slots.num_slots)
         self.eos_token_ids = _eos_token_ids(self.model, self.tokenizer)
         self._active: dict[int, _Request] = {}  # ticket -> every accepted, undelivered request
@@ -419,7 +421,8 @@ class TorchEngineBackend(EngineBackend):
         if not rows:
             return None
         keep = max(p.needed for p in plans if p.row is not None)
-        prompts = prompt_forward(self.model, self.slots, rows, keep, self._cache_arg)
+        with self._threads(sum(len(r.tokens) - r.past for r in rows)):
+            prompts = prompt_forward(self.model, self.slots, rows, keep, self._cache_arg)
         self.prefill_tokens += sum(len(r.tokens) - r.past for r in rows)
         self.prefill_forwards += 1
         for plan in plans:
@@ -488,10 +491,17 @@ class TorchEngineBackend(EngineBackend):
         order = self._batch.keep(keep)
         self._rows = [self._rows[i] for i in order]
 
+    def _threads(self, tokens: int):
+        """A CPU forward's threads: one for a few tokens (actors/model_loading.compute_threads); a GPU's are its own."""
+        if self.cpu_threads is None:
+            return contextlib.nullcontext()
+        return compute_threads(tokens, self.cpu_threads)
+
     def _decode(self, finished: list) -> None:
-        logits = self.decoder.step(self._batch)
-        self.decode_steps += 1
-        tokens, keep = self._extend(self._rows, logits, finished)
+        with self._threads(len(self._rows)):
+            logits = self.decoder.step(self._batch)
+            self.decode_steps += 1
+            tokens, keep = self._extend(self._rows, logits, finished)
         self._batch.pending[:len(tokens)] = tokens
         if len(keep) < len(self._rows):
             self._keep_rows(keep)

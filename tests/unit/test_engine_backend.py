@@ -17,7 +17,7 @@ from actors.engine.interface import AdapterSlotsBusy, UnknownAdapterError
 from actors.engine.torch_backend import TorchEngineBackend
 from actors.engine.prompt_scores import TOPK_SENTINEL_LOGPROB
 from actors.peft import PEFT_PREFIX, module_kind, target_module_names, trains_kind, write_peft_adapter
-from actors.model_loading import load_causal_lm
+from actors.model_loading import SMALL_PASS_TOKENS, load_causal_lm
 from cluster.config import ClusterConfig, EngineConfig, ModelConfig
 from cluster.messages import EngineSampleReq, LoraSpec, SamplingParams
 
@@ -500,3 +500,23 @@ def test_invalid_sample_options_are_value_errors(backend):
         with pytest.raises(ValueError, match=message):
             backend.submit(_with(_request(prompt), **options))
     assert not backend.has_work()
+
+
+def test_small_forwards_run_on_one_thread_and_a_long_prefill_on_all(backend):
+    """actors/model_loading.compute_threads in the engine: a prefill of SMALL_PASS_TOKENS new tokens runs on the
+    engine's threads, a decode step of one row on one; the thread count is as it was after each."""
+    rng = np.random.default_rng(3)
+    backend.cpu_threads, threads = 2, backend.cpu_threads
+    before = torch.get_num_threads()
+    seen = []
+    hook = backend.model.get_output_embeddings().register_forward_hook(  # the decoder's steps skip forward()
+        lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        backend.submit(_request(rng.integers(0, 900, SMALL_PASS_TOKENS), max_tokens=2))
+        while backend.has_work():
+            backend.step()
+            assert torch.get_num_threads() == before
+    finally:
+        hook.remove()
+        backend.cpu_threads = threads
+    assert seen == [2, 1]  # the prefill (and its first token), then one decode step for the second token

@@ -36,7 +36,6 @@ without it up to float32 rounding (tests/unit/test_engine_batching.py).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 from collections import deque
@@ -421,7 +420,7 @@ class TorchEngineBackend(EngineBackend):
         if not rows:
             return None
         keep = max(p.needed for p in plans if p.row is not None)
-        with self._threads(sum(len(r.tokens) - r.past for r in rows)):
+        with compute_threads(sum(len(r.tokens) - r.past for r in rows), self.cpu_threads):
             prompts = prompt_forward(self.model, self.slots, rows, keep, self._cache_arg)
         self.prefill_tokens += sum(len(r.tokens) - r.past for r in rows)
         self.prefill_forwards += 1
@@ -491,14 +490,8 @@ class TorchEngineBackend(EngineBackend):
         order = self._batch.keep(keep)
         self._rows = [self._rows[i] for i in order]
 
-    def _threads(self, tokens: int):
-        """A CPU forward's threads: one for a few tokens (actors/model_loading.compute_threads); a GPU's are its own."""
-        if self.cpu_threads is None:
-            return contextlib.nullcontext()
-        return compute_threads(tokens, self.cpu_threads)
-
     def _decode(self, finished: list) -> None:
-        with self._threads(len(self._rows)):
+        with compute_threads(len(self._rows), self.cpu_threads):
             logits = self.decoder.step(self._batch)
             self.decode_steps += 1
             tokens, keep = self._extend(self._rows, logits, finished)

@@ -12,7 +12,6 @@ then every rank runs the identical clip + AdamW step, so weights stay identical.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 
@@ -45,7 +44,7 @@ class TorchTrainerBackend(SlotTensorBackend):
                              "tensor and pipeline parallelism need --trainer-backend megatron")
         # ranks sharing a machine share its cores; oversubscription slows everyone
         threads = max(1, (os.cpu_count() or 1) // self.local_world_size) if config.trainer.device == "cpu" else None
-        self.cpu_threads = threads
+        self.cpu_threads = threads  # None on a GPU
         with start_up_threads(threads):
             self.model = load_causal_lm(config.model.path, config.trainer.dtype, config.trainer.device)
             self._device = next(self.model.parameters()).device
@@ -105,7 +104,8 @@ class TorchTrainerBackend(SlotTensorBackend):
         training = any(not c.entry.forward_only for c in entries)
         for pieces in plan_microbatches(entries, self.config.trainer.max_tokens_per_pass):
             rows = piece_rows(entries, pieces)
-            with torch.set_grad_enabled(training), self._threads(padded_tokens=len(rows[1]) * int(rows[1].max())):
+            padded_tokens = len(rows[1]) * int(rows[1].max())
+            with torch.set_grad_enabled(training), compute_threads(padded_tokens, self.cpu_threads):
                 per_piece = self._target_logprobs(entries, pieces, *rows)
                 loss = piece_losses(entries, pieces, per_piece, compute_loss, outputs)
                 if loss is not None:
@@ -116,12 +116,6 @@ class TorchTrainerBackend(SlotTensorBackend):
         if self.world_size > 1:  # every rank is a DP rank
             all_reduce_sum([grad for step in steps for grad in self.optimizer.slot_grads(step.slot)])
         return [self.optimizer.step(step.slot, step.adam) for step in steps]
-
-    def _threads(self, padded_tokens: int):
-        """A CPU pass's threads: one for a small pass (actors/model_loading.compute_threads); a GPU's are its own."""
-        if self.cpu_threads is None:
-            return contextlib.nullcontext()
-        return compute_threads(padded_tokens, self.cpu_threads)
 
     def _target_logprobs(self, entries: list[CheckedEntry], pieces: list[Piece], tokens: np.ndarray,
                          lengths: np.ndarray, slots: np.ndarray) -> list[torch.Tensor]:

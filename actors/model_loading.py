@@ -46,8 +46,8 @@ SMALL_PASS_TOKENS = 192
 
 @contextlib.contextmanager
 def compute_threads(tokens: int, threads: int | None) -> Iterator[None]:
-    """Compute `tokens` (padded batch rows x width) on one thread if that is few, else on `threads`;
-    None (a GPU's work): leave the threads alone."""
+    """Compute on one thread if the work is `tokens` few (a pass's padded rows x width, a prefill's new
+    tokens, a decode step's rows), else on `threads`; None (a GPU's work): leave the threads alone."""
     if threads is None:
         yield
         return

@@ -34,8 +34,7 @@ from actors.controller.workers import TrainerGroupDied, WorkerPool
 from cluster.config import ClusterConfig
 from cluster.messages import (
     MAX_STATUS_WAIT_S, AdminReq, Caller, CancelFutureReq, CancelFutureResp, ClusterStatusReq, ClusterStatusResp,
-    CreateModelReq,
-    CreateSamplingSessionReq, CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp,
+    CreateModelReq, CreateSamplingSessionReq, CreateSamplingSessionResp, CreateSessionReq, CreateSessionResp, ErrorResp,
     FinishSessionReq, FinishSessionResp, ForwardBackwardReq, GetInfoReq, GetInfoResp, GetSamplerReq, GetSamplerResp,
     GetSessionReq, GetSessionResp, ListSessionsReq, ListSessionsResp, LoadWeightsReq, OptimStepReq, ReassignUserReq,
     ReassignUserResp, RetrieveFutureReq, RetrieveFuturesReq, SampleReq, SaveWeightsExternalReq,

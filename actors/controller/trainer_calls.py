@@ -20,6 +20,7 @@ from cluster.messages import (
 from cluster.metrics import merge_metrics
 from cluster.parallel import ParallelDims
 
+
 def pass_requests(dims: ParallelDims, work: list[tuple[int, ForwardBackwardReq]]) -> list[TrainerForwardBackwardReq]:
     """Per rank, the pass of every (slot, request) in `work`, each entry that rank's DP shard."""
     per_group = [[PassEntry(slot=slot, loss_fn=req.loss_fn, loss_fn_config=req.loss_fn_config,

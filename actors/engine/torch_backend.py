@@ -420,9 +420,10 @@ class TorchEngineBackend(EngineBackend):
         if not rows:
             return None
         keep = max(p.needed for p in plans if p.row is not None)
-        with compute_threads(sum(len(r.tokens) - r.past for r in rows), self.cpu_threads):
+        new_tokens = sum(len(r.tokens) - r.past for r in rows)
+        with compute_threads(new_tokens, self.cpu_threads):
             prompts = prompt_forward(self.model, self.slots, rows, keep, self._cache_arg)
-        self.prefill_tokens += sum(len(r.tokens) - r.past for r in rows)
+        self.prefill_tokens += new_tokens
         self.prefill_forwards += 1
         for plan in plans:
             if plan.row is not None:

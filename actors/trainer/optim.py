@@ -13,7 +13,6 @@ global gradient norm — Tinker's `AdamParams` semantics.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.optim.adamw import adamw

@@ -103,10 +103,9 @@ class TorchTrainerBackend(SlotTensorBackend):
         outputs: dict[int, list] = {}
         training = any(not c.entry.forward_only for c in entries)
         for pieces in plan_microbatches(entries, self.config.trainer.max_tokens_per_pass):
-            rows = piece_rows(entries, pieces)
-            padded_tokens = len(rows[1]) * int(rows[1].max())
-            with torch.set_grad_enabled(training), compute_threads(padded_tokens, self.cpu_threads):
-                per_piece = self._target_logprobs(entries, pieces, *rows)
+            tokens, lengths, slots = piece_rows(entries, pieces)
+            with torch.set_grad_enabled(training), compute_threads(len(lengths) * int(lengths.max()), self.cpu_threads):
+                per_piece = self._target_logprobs(entries, pieces, tokens, lengths, slots)
                 loss = piece_losses(entries, pieces, per_piece, compute_loss, outputs)
                 if loss is not None:
                     loss.backward()

@@ -333,8 +333,8 @@ def pooled(before: dict | None, after: dict | None) -> dict | None:
     would skew every ratio by however much the machine changed meanwhile."""
     if before is None or after is None:
         return before
-    figures = {key: spec.summarize(before["figures"][key]["samples"] + after["figures"].get(key, {}).get("samples", []))
-               for key in before["figures"]}
+    figures = {key: spec.summarize(stats["samples"] + after["figures"][key]["samples"])
+               for key, stats in before["figures"].items()}
     return {**before, "figures": figures, "runs": 2}
 
 

@@ -114,8 +114,8 @@ def test_a_shared_pass_gives_each_model_what_it_gets_alone(backend, tenants, mon
     idle_grads = _grads(backend, IDLE)
     idle_moments = {m: {n: t[IDLE].clone() for n, t in getattr(backend.optimizer, m).items()} for m in MOMENTS}
     batched_layers = []
-    batched = MultiLoraLinear._batched_segment_deltas
-    monkeypatch.setattr(MultiLoraLinear, "_batched_segment_deltas",
+    batched = MultiLoraLinear._add_batched_segment_terms
+    monkeypatch.setattr(MultiLoraLinear, "_add_batched_segment_terms",
                         lambda self, *args: batched_layers.append(batched(self, *args)) or batched_layers[-1])
 
     results = backend.forward_backward_many(_entries(tenants))

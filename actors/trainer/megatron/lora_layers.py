@@ -148,23 +148,23 @@ class ParallelLora(nn.Module, SlotSettings, abc.ABC):
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA term for `x` (`[s, b, in_local]`), fused like the base's output, in the
-        adapters' dtype (float32 also under a bf16 base); None if none."""
+        adapters' dtype (float32 also under a bf16 base); None if none. The scaling multiplies the
+        rank-wide `x A^T`, not the output-wide delta: one pass over the whole output less."""
         single, per_row = self.selection.single, self.selection.per_row
         x = x.to(self.lora_dtype)
         if single is not None:
             scaling = self.slot_scaling[single]
             if single == BASE_SLOT or scaling == 0.0:
                 return None
-            return self.fused_layout.fuse(self._single_slot_deltas(x, single)) * scaling
+            return self.fused_layout.fuse(self._single_slot_deltas(x, single, scaling))
         if per_row is None:
             return None
         if x.dim() != 3 or per_row.shape != (x.shape[1],):
             raise ValueError(f"per-row adapter slots {tuple(per_row.shape)} do not match the batch "
                              f"dim of activations {tuple(x.shape)} (mcore is [s, b, h])")
-        delta = self.fused_layout.fuse(self._per_row_deltas(x.transpose(0, 1), per_row))  # [b, s, out]
-        return (delta * self.scaling[per_row].view(-1, 1, 1)).transpose(0, 1)
+        return self.fused_layout.fuse(self._per_row_deltas(x.transpose(0, 1), per_row)).transpose(0, 1)
 
-    def _single_slot_deltas(self, x: torch.Tensor, slot: int) -> list[torch.Tensor]:
+    def _single_slot_deltas(self, x: torch.Tensor, slot: int, scaling: float) -> list[torch.Tensor]:
         # views of the slot's first `rank` rows / columns (and real vocab rows): the rest
         # stay out of the graph, so their gradients are exactly zero
         rank = self.slot_rank[slot]
@@ -172,18 +172,19 @@ class ParallelLora(nn.Module, SlotSettings, abc.ABC):
         for adapter in self.adapters:
             a = self.lora_A[adapter.leaf][slot, :rank]
             b = self.lora_B[adapter.leaf][slot, : self._real_rows(adapter), :rank]
-            h = self._rank_space(F.linear(x, a))
+            h = self._rank_space(F.linear(x, a)) * scaling
             deltas.append(self._pad_rows(F.linear(h, b), adapter))
         return deltas
 
     def _per_row_deltas(self, rows: torch.Tensor, per_row: torch.Tensor) -> list[torch.Tensor]:
-        """Unscaled deltas `[b, s, out_local]` of `rows` (`[b, s, in_local]`), row i with slot per_row[i]."""
+        """Deltas `[b, s, out_local]` of `rows` (`[b, s, in_local]`), row i with slot per_row[i]."""
         mask = self.rank_mask[per_row].unsqueeze(-1)  # [b, r, 1]: zero past each row's rank
+        scaling = self.scaling[per_row].view(-1, 1, 1)
         deltas = []
         for adapter in self.adapters:
             a = self.lora_A[adapter.leaf][per_row] * mask  # [b, r, in]
             b = self.lora_B[adapter.leaf][per_row, : self._real_rows(adapter)]  # [b, out, r]
-            h = self._rank_space(torch.bmm(rows, a.transpose(1, 2)))  # [b, s, r], contiguous
+            h = self._rank_space(torch.bmm(rows, a.transpose(1, 2))) * scaling  # [b, s, r]
             deltas.append(self._pad_rows(torch.bmm(h, b.transpose(1, 2)), adapter))
         return deltas
 

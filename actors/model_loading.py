@@ -35,12 +35,12 @@ def start_up_threads(threads: int | None = None) -> Iterator[None]:
         torch.set_num_threads(after)
 
 
-# Below this many tokens a trainer pass or an engine forward (prefill, decode step) runs on one thread. With
-# passive OpenMP waits (actors/omp.py) every parallel region wakes its peer threads through the kernel, and a
-# small pass is hundreds of tiny regions. Measured on the 2-core dev VM (built-in model, one LoRA): one thread
-# took 14-15 ms per 8-token forward + backward against 16-17 for two, was level at 64-128 tokens and lost from
-# 256 on (75-84 ms against 66-70). Inside a server the gap is wider, as the second thread competes with the API,
-# controller and client processes for the other core: the 8-token round trip took 29 ms instead of 41.
+# Below this many tokens a trainer pass or an engine forward (prefill, decode step) runs on one thread: a small
+# pass is hundreds of tiny parallel regions, each a hand-off to the peer thread, which the API, controller and
+# client processes need on the other core meanwhile. Measured on the 2-core dev VM (built-in model, one LoRA,
+# passive OpenMP waits): one thread took 14-15 ms per 8-token forward + backward against 16-17 for two, was level
+# at 64-128 tokens and lost from 256 on (75-84 ms against 66-70). In a server the 8-token round trip took 29 ms
+# instead of 41.
 SMALL_PASS_TOKENS = 192
 
 

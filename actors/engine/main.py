@@ -53,7 +53,7 @@ from actors.engine.interface import (
     AdapterSlotsBusy, EngineBackend, EngineBusy, UnknownAdapterError, check_residency_tags,
 )
 from actors.engine.sglang import cpu_shims
-from actors.omp import prefer_passive_waits
+from actors.omp import prefer_brief_spins
 from cluster.backends import load_backend
 from cluster.config import ClusterConfig
 from cluster.faults import inject_fault
@@ -321,7 +321,7 @@ def run_engine_process(config: ClusterConfig, index: int) -> int:
     """Serve as engine `index` until shutdown; return the process exit code."""
     set_process_name(f"tinkerd-engine{index}")
     die_with_parent()
-    prefer_passive_waits()  # before the backend imports torch: libgomp reads it once, when torch loads it
+    prefer_brief_spins()  # before the backend imports torch: libgomp reads it once, when torch loads it
     setup_logging(f"engine{index}")
     worker = EngineWorker(config, index)
     try:

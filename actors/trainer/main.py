@@ -22,9 +22,9 @@ import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
-from actors.omp import prefer_passive_waits
+from actors.omp import prefer_brief_spins
 
-prefer_passive_waits()  # before torch loads libgomp, which reads it once
+prefer_brief_spins()  # before torch loads libgomp, which reads it once
 
 import torch
 import torch.distributed as dist

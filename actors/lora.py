@@ -175,15 +175,17 @@ class MultiLoraLinear(nn.Module, SlotSettings):
         return (_slot_part(self.lora_A, (slot, slice(0, rank)), self._leaves),
                 _slot_part(self.lora_B, (slot, slice(None), slice(0, rank)), self._leaves))
 
+    def _leaves_alone(self, slot: int) -> bool:
+        return slot == BASE_SLOT or self.slot_scaling[slot] == 0.0
+
     def _add_slot_term(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """base(x) plus the LoRA term of `slot` (base(x) alone where the slot leaves this layer alone)."""
-        scaling = self.slot_scaling[slot]
-        if slot == BASE_SLOT or scaling == 0.0:
+        if self._leaves_alone(slot):
             return self.base(x)
         a, b = self._slot_weights(slot)
         flat = x.reshape(-1, x.shape[-1])
         out = self.base(flat)
-        return out.addmm_(F.linear(flat, a), b.t(), alpha=scaling).view(*x.shape[:-1], out.shape[-1])
+        return out.addmm_(F.linear(flat, a), b.t(), alpha=self.slot_scaling[slot]).view(*x.shape[:-1], out.shape[-1])
 
     def _add_segment_terms(self, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """base(x) plus the LoRA terms of rows grouped by slot, each block through its own slot's weights: as
@@ -195,14 +197,13 @@ class MultiLoraLinear(nn.Module, SlotSettings):
             return batched
         terms = []
         for slot, first, end in segments:
-            scaling = self.slot_scaling[slot]
             block = x[first:end].reshape(-1, x.shape[-1])
-            if slot == BASE_SLOT or scaling == 0.0:
+            if self._leaves_alone(slot):
                 terms.append(block.new_zeros(block.shape[0], self.base.out_features))
                 continue
             a, b = self._slot_weights(slot)
-            terms.append(F.linear(F.linear(block, a) * scaling, b))  # the scaling on the rank-wide part
-        return (self.base(x) + torch.cat(terms).view(*x.shape[:-1], -1))
+            terms.append(F.linear(F.linear(block, a) * self.slot_scaling[slot], b))  # scaled while rank-wide
+        return self.base(x) + torch.cat(terms).view(*x.shape[:-1], -1)
 
     def _add_batched_segment_terms(self, x: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor | None:
         slots = [slot for slot, _, _ in segments]

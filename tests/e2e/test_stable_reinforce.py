@@ -117,7 +117,11 @@ def test_records_belong_to_the_session_that_sampled_them(cluster, recorded):
 
 
 def test_async_rl_on_stale_samples_trains_stably(service_client):
-    """Sample with the snapshot of step k, train at step k + 2 (two steps off policy)."""
+    """Sample with the snapshot of step k, train at step k + 2 (two steps off policy).
+
+    At learning rate 1e-2 two stale steps move the policy past the mask often enough that about one
+    run in six collapses after reaching reward 1 (a CI run did); at 5e-3, 22 runs of 22 gained
+    0.50-0.77 (one dipped to 0.13 midway and recovered), against the 0.25 asked here."""
     tc = service_client.create_lora_training_client(base_model=BUILTIN_MODEL, rank=16, seed=1).result()
     prompt = prompt_tokens(tc.get_tokenizer())
     params = types.SamplingParams(max_tokens=16, temperature=1.0, stop=[])
@@ -130,7 +134,7 @@ def test_async_rl_on_stale_samples_trains_stably(service_client):
         reward = np.array([np.mean(np.asarray(s.tokens) < low_ids) for s in out.sequences])
         data = [rl_datum(prompt, s, float(a)) for s, a in zip(out.sequences, reward - reward.mean())]
         fwd = tc.forward_backward(data, "stable_reinforce")
-        opt = tc.optim_step(types.AdamParams(learning_rate=1e-2))
+        opt = tc.optim_step(types.AdamParams(learning_rate=5e-3))
         metrics.append(fwd.result().metrics)
         opt.result()
         rewards.append(float(reward.mean()))

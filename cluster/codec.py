@@ -1,13 +1,17 @@
-"""Message <-> ZMQ frames: msgpack header first, then one raw frame per numpy array.
+"""Message <-> ZMQ frames: msgpack header first; then, if the message holds numpy arrays, one
+frame holding every small array and one raw frame per large array.
 
-Arrays are never copied into the header: `encode` hands their buffers to ZMQ as is,
-and `decode` wraps received frames with `np.frombuffer` (read-only views, zero-copy).
-Nothing is pickled; an unknown message tag is an error, not a guess.
+A large array is never copied: `encode` hands its buffer to ZMQ as is. Arrays under
+SMALL_ARRAY_BYTES are copied once, side by side, into the second frame, since a frame costs
+more to send and receive than such a copy. `decode` wraps the frames with `np.frombuffer`
+(read-only views, zero-copy). Nothing is pickled; an unknown message tag is an error, not
+a guess.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from typing import Any, Sequence
 
@@ -18,6 +22,13 @@ from cluster.messages import MESSAGE_TYPES
 
 _EXT_ARRAY = 1
 _EXT_MESSAGE = 2
+_EXT_SMALL_ARRAY = 3
+
+# A frame costs ~20-40 us to send and receive, memcpy moves 128 KiB in ~10-20: the built-in model's
+# rank-32 adapter (58 tensors of 32-116 KiB) took 2.4-3.5 ms from encode to decode as 58 frames,
+# 1.8 ms with the ones under 64 KiB in one frame, 1.3-1.6 ms with all of them (one process, ipc socket).
+SMALL_ARRAY_BYTES = 128 * 1024
+_SMALL_ALIGN = 64  # each small array starts at a multiple of this in its frame: aligned for any dtype
 
 
 class CodecError(ValueError):
@@ -39,14 +50,22 @@ def _message_fields(cls: type) -> tuple[str, ...] | None:
 
 
 def encode(msg: Any) -> list:
-    """Return `[header, *array_buffers]`, ready for `send_multipart(copy=False)`."""
+    """Return `[header]` or `[header, small_arrays, *large_arrays]`, ready for `send_multipart(copy=False)`."""
     arrays: list[np.ndarray] = []
+    small: list = []  # the small arrays' frame, in pieces: (padding, bytes) pairs
+    small_end = 0
 
     def default(obj):
+        nonlocal small_end
         if isinstance(obj, np.ndarray):
-            arr = np.ascontiguousarray(obj)
+            arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)  # (which makes 0-d arrays 1-d)
             if arr.dtype.hasobject:
                 raise CodecError("object arrays cannot travel as frames")
+            if arr.nbytes < SMALL_ARRAY_BYTES:
+                offset = (small_end + _SMALL_ALIGN - 1) // _SMALL_ALIGN * _SMALL_ALIGN
+                small.extend((bytes(offset - small_end), memoryview(arr).cast("B") if arr.size else b""))
+                small_end = offset + arr.nbytes
+                return msgpack.ExtType(_EXT_SMALL_ARRAY, msgpack.packb([offset, arr.dtype.str, list(arr.shape)]))
             arrays.append(arr)
             return msgpack.ExtType(_EXT_ARRAY, msgpack.packb([len(arrays) - 1, arr.dtype.str, list(arr.shape)]))
         names = _message_fields(type(obj))
@@ -58,7 +77,9 @@ def encode(msg: Any) -> list:
         raise CodecError(f"cannot encode {type(obj).__name__}")
 
     header = msgpack.packb(msg, default=default)
-    return [header, *(memoryview(a).cast("B") if a.size else b"" for a in arrays)]
+    if not (arrays or small):
+        return [header]
+    return [header, b"".join(small), *(memoryview(a).cast("B") for a in arrays)]
 
 
 def peek_header(frames: Sequence) -> tuple[str, int] | None:
@@ -90,10 +111,16 @@ def decode(frames: Sequence) -> Any:
     def ext_hook(code: int, data: bytes):
         if code == _EXT_ARRAY:
             index, dtype, shape = msgpack.unpackb(data)
-            if index + 1 >= len(buffers):
+            if index + 2 >= len(buffers):
                 raise CodecError(f"array frame {index} missing")
-            arr = np.frombuffer(buffers[index + 1], dtype=np.dtype(dtype))
-            return arr.reshape(shape)
+            arr = np.frombuffer(buffers[index + 2], dtype=np.dtype(dtype))
+            return arr.reshape(tuple(shape))
+        if code == _EXT_SMALL_ARRAY:
+            offset, dtype, shape = msgpack.unpackb(data)
+            dtype, count = np.dtype(dtype), math.prod(shape)
+            if len(buffers) < 2 or offset + count * dtype.itemsize > memoryview(buffers[1]).nbytes:
+                raise CodecError("small-array frame missing or short")
+            return np.frombuffer(buffers[1], dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
         if code == _EXT_MESSAGE:
             name, fields = msgpack.unpackb(data, ext_hook=ext_hook, strict_map_key=False)
             cls = MESSAGE_TYPES.get(name)

@@ -29,6 +29,7 @@ _EXT_SMALL_ARRAY = 3
 # 1.8 ms with the ones under 64 KiB in one frame, 1.3-1.6 ms with all of them (one process, ipc socket).
 SMALL_ARRAY_BYTES = 128 * 1024
 _SMALL_ALIGN = 64  # each small array starts at a multiple of this in its frame: aligned for any dtype
+_SMALL_FRAME, _FIRST_LARGE_FRAME = 1, 2  # where the frames after the header sit
 
 
 class CodecError(ValueError):
@@ -107,20 +108,21 @@ def peek_header(frames: Sequence) -> tuple[str, int] | None:
 def decode(frames: Sequence) -> Any:
     """Inverse of `encode`; frames may be bytes or zmq.Frame objects."""
     buffers = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    small = memoryview(buffers[_SMALL_FRAME]) if len(buffers) > _SMALL_FRAME else memoryview(b"")
 
     def ext_hook(code: int, data: bytes):
         if code == _EXT_ARRAY:
             index, dtype, shape = msgpack.unpackb(data)
-            if index + 2 >= len(buffers):
+            if _FIRST_LARGE_FRAME + index >= len(buffers):
                 raise CodecError(f"array frame {index} missing")
-            arr = np.frombuffer(buffers[index + 2], dtype=np.dtype(dtype))
+            arr = np.frombuffer(buffers[_FIRST_LARGE_FRAME + index], dtype=np.dtype(dtype))
             return arr.reshape(tuple(shape))
         if code == _EXT_SMALL_ARRAY:
             offset, dtype, shape = msgpack.unpackb(data)
             dtype, count = np.dtype(dtype), math.prod(shape)
-            if len(buffers) < 2 or offset + count * dtype.itemsize > memoryview(buffers[1]).nbytes:
+            if offset + count * dtype.itemsize > small.nbytes:
                 raise CodecError("small-array frame missing or short")
-            return np.frombuffer(buffers[1], dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
+            return np.frombuffer(small, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
         if code == _EXT_MESSAGE:
             name, fields = msgpack.unpackb(data, ext_hook=ext_hook, strict_map_key=False)
             cls = MESSAGE_TYPES.get(name)

@@ -9,6 +9,8 @@ and nothing is ever switched. With it, the controller alternates two phases:
   fan-out (training.py) passes the training gate at once.
 
 A call whose phase is not the current one waits in its gate (it never fails for that).
+The trainer loads its model onto the device, so the first sampling phase begins only
+after the "start" transition's trainer_offload: a sample that comes sooner waits.
 One driver task (`run`) switches phases, in the order slime/miles use:
 
     to training:  drain (no new samples are admitted; in-flight ones finish)
@@ -75,8 +77,9 @@ class Residency:
         self.max_phase_s = config.max_phase_ms / 1000
         self.barrier_timeout_s = barrier_timeout_s
         self._engines, self._trainers = engines, trainers
-        self.phase = SAMPLING
-        self.admitting = True  # the current phase still admits new calls
+        # colocated, the trainer holds the devices until the start's offload: nothing is admitted before it
+        self.phase = f"to_{SAMPLING}" if self.colocated else SAMPLING
+        self.admitting = not self.colocated  # the current phase still admits new calls
         self.failure: str | None = None
         self._last_error = ""
         self.switches = 0
@@ -171,10 +174,11 @@ class Residency:
             return
         if ready is not None:
             await ready
-        # the starting state is the sampling phase: the trainer loaded its model onto the device, so offload it
+        # the trainer loaded its model onto the device: the first sampling phase begins once it has offloaded
         if not await self._run_steps("start", self._to_sampling[:1]):
             self._mark_failed("the initial trainer offload failed")
             return
+        self._admit(SAMPLING)
         while self.failure is None:
             if self.phase == SAMPLING:
                 await self._until(self._sampling_over)

@@ -126,6 +126,33 @@ def test_barrier_order_drain_and_waiting_samples():
     asyncio.run(main())
 
 
+def test_nothing_is_admitted_before_the_starting_offload():
+    """The trainer holds the devices from its start until the first offload: a sample that comes sooner waits."""
+    async def main():
+        cluster, ops = Cluster(), []
+        residency = _residency(cluster)
+        offloaded = asyncio.Event()
+        trainers = cluster.trainers
+
+        async def slow_offload(make_req):
+            await offloaded.wait()
+            return await trainers(make_req)
+
+        residency._trainers = slow_offload
+        task = asyncio.create_task(residency.run())
+        sample = asyncio.create_task(_op(residency, SAMPLING, ops, "s0"))
+        await asyncio.sleep(0.02)
+        described = residency.describe()
+        assert (described["phase"], described["admitting"], described["waiting"][SAMPLING]) == ("to_sampling",
+                                                                                               False, 1)
+        assert ops == [] and not residency.barriers
+        offloaded.set()
+        assert await sample == "s0"
+        assert _names(residency, "start") == ["trainer_offload"] and residency.phase == SAMPLING
+        task.cancel()
+    asyncio.run(main())
+
+
 def test_training_queue_is_batched_within_linger():
     async def main():
         cluster, ops = Cluster(), []

@@ -27,8 +27,9 @@ both runs' samples, as a small VM's speed drifts while the benchmark runs. Again
 is skipped. Every server figure is reported with ratio = server median / raw median.
 
 The SDK floor (tests/bench/floor.py: a stub server that answers every call at once with a
-canned result) runs next, also before the server starts: the latency workloads' SDK calls
-(and the tenants) against it; create_lora_training_client to first result there runs
+canned result) runs next, also before the server starts, and again after it (before the
+second raw run), its figures pooled the same way: the latency workloads' SDK calls (and the
+tenants) against it; create_lora_training_client to first result there runs
 --latency-warmup + --latency-reps times, as the stub needs no fresh start. Raw compute +
 that floor is the best a client can see, so every latency figure is also reported as its
 overhead: server - raw - floor (medians, ms). The report marks the issue's targets as
@@ -146,6 +147,7 @@ class Runner:
         self.floor: dict[str, list[float]] = {}
         self.notes: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.floor_runs = 0
 
     def attempt(self, key: str | None, fn, into: dict | None = None, name: str | None = None) -> None:
         """into[key] = fn() (into: the server's samples by default); with key None, fn returns {key: samples}."""
@@ -196,22 +198,28 @@ class Runner:
 
         self.attempt(None, measure, into, name)
 
-    def floor_workloads(self) -> None:
-        """The latency workloads (and the tenants) against the SDK floor, a stub that answers at once."""
+    def floor_workloads(self, when: str) -> None:
+        """The latency workloads (and the tenants) against the SDK floor, a stub that answers at once; each
+        run's samples are added to those of the runs before it (see `pooled`)."""
         from tests.bench import floor
 
+        log(f"SDK floor {when} ...")
         try:
             stub = floor.start()
         except Exception as exc:  # the server's own figures do not need it
-            self.errors["floor"] = f"{type(exc).__name__}: {exc}"
-            log(f"the SDK floor stub FAILED to start: {self.errors['floor']}")
+            self.errors[f"floor {when}"] = f"{type(exc).__name__}: {exc}"
+            log(f"the SDK floor stub FAILED to start: {self.errors[f'floor {when}']}")
             return
         log(f"SDK floor stub at {stub.base_url}")
+        run: dict[str, list[float]] = {}
         try:
-            self.attempt(None, lambda: self.floor_latency(stub.base_url), self.floor, "floor latency")
-            self.tenants(stub.base_url, FLOOR_MODEL, self.floor, "floor tenants")
+            self.attempt(None, lambda: self.floor_latency(stub.base_url), run, f"floor latency {when}")
+            self.tenants(stub.base_url, FLOOR_MODEL, run, f"floor tenants {when}")
         finally:
             stub.stop()
+        for key, samples in run.items():
+            self.floor.setdefault(key, []).extend(samples)
+        self.floor_runs += 1
 
     def floor_latency(self, base_url: str) -> dict[str, list[float]]:
         from tests.bench.sdk import SdkBench, create_to_first_result
@@ -352,20 +360,21 @@ def main(argv=None) -> int:
     runner = Runner(args, sizes)
     floor_skipped = "--no-floor" if args.no_floor else None
     if not args.no_floor:
-        log("SDK floor ...")
-        runner.floor_workloads()
+        runner.floor_workloads("before the server")
     if args.base_url:
         target = bench_external(args, sizes, runner)
     else:
         target = bench_tinkerd(args, sizes, runner, launch_model, args.cache_dir / "models")
     if model_info:
         target["model_info"] = model_info
+    if not args.no_floor:
+        runner.floor_workloads("after the server")
     if raw_result is not None:
         raw_result = pooled(raw_result, raw_baseline(args, raw_model, sizes, "after the server")[0])
     load["end"] = [round(x, 2) for x in os.getloadavg()]
     result = report.build(target=target, sizes=sizes, server=runner.samples, raw_result=raw_result,
                           raw_skipped=raw_skipped, floor=runner.floor, floor_skipped=floor_skipped,
-                          notes=runner.notes, started=started, loadavg=load)
+                          floor_runs=runner.floor_runs, notes=runner.notes, started=started, loadavg=load)
     result["errors"] = runner.errors
     json_path, png_path, png_problem = report.write(result, args.out)
     print(report.table(result))

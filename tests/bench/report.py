@@ -122,8 +122,8 @@ def target_results(figures: list[dict]) -> list[dict]:
 
 
 def build(*, target: dict, sizes: spec.Sizes, server: dict[str, list[float]], raw_result: dict | None,
-          raw_skipped: str | None, floor: dict[str, list[float]], floor_skipped: str | None, notes: dict[str, str],
-          started: datetime, loadavg: dict) -> dict:
+          raw_skipped: str | None, floor: dict[str, list[float]], floor_skipped: str | None, floor_runs: int,
+          notes: dict[str, str], started: datetime, loadavg: dict) -> dict:
     figures = figure_entries(sizes, server, raw_result["figures"] if raw_result else None, floor, notes)
     return {
         "schema": SCHEMA,
@@ -136,7 +136,8 @@ def build(*, target: dict, sizes: spec.Sizes, server: dict[str, list[float]], ra
         "sizes": sizes.as_dict(),
         "raw": {"ran": raw_result is not None, "skipped_because": raw_skipped,
                 **({k: v for k, v in raw_result.items() if k != "figures"} if raw_result else {})},
-        "floor": {"ran": floor_skipped is None, "skipped_because": floor_skipped, "what": spec.FLOOR_WHAT},
+        "floor": {"ran": floor_skipped is None, "skipped_because": floor_skipped, "runs": floor_runs,
+                  "what": spec.FLOOR_WHAT},
         "ratio": "server median / raw median",
         "overhead_ms": "server median - raw median - SDK floor median, in ms (latency figures)",
         "scaling": "tenants: aggregate tokens/s median / the 1-tenant median",
@@ -216,8 +217,10 @@ def table(result: dict) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
     lines.append("ratio = server / raw (medians): tok/s below 1 and ms/s above 1 are slower than raw.")
-    if result["raw"].get("runs") == 2:
-        lines.append("raw = one run before the server and one after it, their samples pooled (the machine drifts).")
+    pooled = [name for name, part in (("raw", result["raw"]), ("SDK floor", result["floor"])) if part.get("runs") == 2]
+    if pooled:
+        lines.append(f"{' and '.join(pooled)} = one run before the server and one after it, their samples pooled "
+                     "(the machine drifts).")
     lines.append("over raw+floor = server - raw - SDK floor (medians, ms): what the server adds above the best a "
                  "client can see.")
     lines.append("")

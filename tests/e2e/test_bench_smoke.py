@@ -2,8 +2,11 @@
 
 Not a timed test: it checks that `python -m tests.bench` starts tinkerd, runs every
 workload, the raw baseline and the SDK floor (the stub server), and writes a valid
-results JSON and PNG. The latency calls get one warm-up and three calls, so that the
-check "the floor is below tinkerd" compares medians, not one first call each.
+results JSON and PNG. The latency calls get one warm-up and three calls, so that every
+figure has a median, a min and a max. Which is faster, tinkerd or the floor, is a timing
+and not checked: at these sizes (a 1-token sample) the two were within noise of each other,
+and a check that the stub's fastest call beat tinkerd's median failed in CI, the floor
+measured minutes apart from the server while the VM's speed drifted.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def test_writes_results_json_with_every_figure(bench_run):
     result, figures = _figures(out)
     assert result["schema"] == "tinkerd-bench/2"
     assert result["errors"] == {}
-    assert result["raw"]["ran"] and result["floor"]["ran"]
+    assert result["raw"]["ran"] and result["floor"]["ran"] and result["floor"]["runs"] == 2
     assert result["target"]["kind"] == "tinkerd"
     assert list(figures) == ["roundtrip_ms", "train_tokens_per_s", "sample_tokens_per_s", "sample_first_result_ms",
                              "sync_sampling_client_ms", "sync_named_ms", "cold_launch_s", "cold_first_result_s",
@@ -69,10 +72,8 @@ def test_latency_figures_have_the_sdk_floor_and_the_overhead_above_it(bench_run)
     for key in LATENCY:
         figure = figures[key]
         floor, server, raw = figure["floor"], figure["server"], figure["raw"]
-        assert floor["n"] == 3 and 0 < floor["min"] <= floor["median"] <= floor["max"], (key, floor)
-        # nothing answers sooner than the stub: its fastest call beats tinkerd's median (3 calls each, on a
-        # noisy 2-core machine: medians alone crossed once in CI when the engine's part was ~1 ms)
-        assert floor["min"] < server["median"], (key, floor, server)
+        # two runs of the stub, before and after the server, pooled as the raw baseline's are
+        assert floor["n"] == 3 * 2 and 0 < floor["min"] <= floor["median"] <= floor["max"], (key, floor)
         scale = 1e3 if figure["unit"] == "s" else 1.0
         assert figure["overhead_ms"] == pytest.approx((server["median"] - raw["median"] - floor["median"]) * scale)
     for key in ("train_tokens_per_s", "sample_tokens_per_s", "cold_launch_s"):

@@ -112,6 +112,10 @@ class CycleScheduler:
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def forget_run(self, model_id: str) -> None:
+        """A run that is gone (dropped, or never created) leaves the order: a long-lived server sees many."""
+        self._last_served.pop(("run", model_id), None)
+
     async def next_cycle(self) -> Cycle:
         while not self._runs:
             self._arrived.clear()

@@ -464,6 +464,7 @@ class TrainingService:
             # a model that never came to be: forget it and give its slot back
             del self.runs[op.run.model_id]
             self.free_slots.append(op.run.slot)
+            self.cycles.forget_run(op.run.model_id)
             self.store.forget_training_run(op.run.model_id)
 
     async def execute_CreateModelReq(self, run: TrainingRun, req: CreateModelReq) -> JsonResult:
@@ -542,6 +543,7 @@ class TrainingService:
                 await self._trainer_broadcast(lambda: TrainerDropAdapterReq(slot=run.slot))
         finally:
             self.free_slots.append(run.slot)
+            self.cycles.forget_run(run.model_id)
             forget_snapshots(self.config.state_dir, run.model_id)
 
 

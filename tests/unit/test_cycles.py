@@ -96,3 +96,15 @@ def test_the_budget_counts_rows_per_data_parallel_rank():
     scheduler.put(Op(b, _fb(4, 16), "b.fb"))  # 2 more: 4 x 16 per rank fits
     scheduler.put(Op(b, _fb(2, 16), "b.fb2"))  # 1 more does not
     assert _cycles(scheduler, 2) == [(PASS, ["a.fb", "b.fb"]), (PASS, ["b.fb2"])]
+
+
+def test_a_forgotten_run_leaves_the_order():
+    scheduler = CycleScheduler(max_tokens_per_pass=1000)
+    runs = [Run("alice", "a1"), Run("alice", "a2")]
+    for run in runs:
+        scheduler.put(Op(run, _fb(1, 4), f"{run.model_id}.fb"))
+    assert _cycles(scheduler, 1) == [(PASS, ["a1.fb", "a2.fb"])]
+    assert set(scheduler._last_served) == {"alice", ("run", "a1"), ("run", "a2")}
+    scheduler.forget_run("a1")
+    scheduler.forget_run("never-seen")  # a create that failed before it was served
+    assert set(scheduler._last_served) == {"alice", ("run", "a2")}

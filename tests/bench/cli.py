@@ -207,8 +207,8 @@ class Runner:
         try:
             stub = floor.start()
         except Exception as exc:  # the server's own figures do not need it
-            self.errors[f"floor {when}"] = f"{type(exc).__name__}: {exc}"
-            log(f"the SDK floor stub FAILED to start: {self.errors[f'floor {when}']}")
+            error = self.errors[f"floor {when}"] = f"{type(exc).__name__}: {exc}"
+            log(f"the SDK floor stub FAILED to start: {error}")
             return
         log(f"SDK floor stub at {stub.base_url}")
         run: dict[str, list[float]] = {}
